@@ -1,0 +1,321 @@
+"""Typed run parameters: presets in params/*.yaml, `--set section.key=value` overrides, validation before any compute.
+
+Every error is a `ConfigError` whose message names the key, the file and what is allowed, e.g.
+    params/nano.yaml: gate.student_steps = [3]: each entry must be one of [1, 2, 4]
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PARAMS_DIR = REPO_ROOT / "params"
+
+STUDENT_STEPS = (1, 2, 4)  # one student serves exactly these step counts
+DTYPES = ("float32", "bfloat16", "float16")
+MODEL_PRESETS = ("nano", "anima-2b")
+
+
+class ConfigError(ValueError):
+    """A parameter is unknown, mistyped or impossible; raised before any compute."""
+
+
+def _spec(default=None, *, help: str, allowed=None, check=None, default_factory=None):
+    """A field with its documentation, an optional set of allowed values and an optional predicate (value -> error or None)."""
+    meta = {"help": help, "allowed": allowed, "check": check}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _teacher_steps(v):
+    return None if 1 <= v <= 1000 else "must be between 1 and 1000"
+
+
+def _each_in(allowed):
+    def check(values):
+        bad = [x for x in values if x not in allowed]
+        if bad:
+            return f"each entry must be one of {list(allowed)} (got {bad})"
+        if len(set(values)) != len(values) or not values:
+            return "must be a non-empty list without repeats"
+        return None
+    return check
+
+
+def _each_teacher_steps(values):
+    if not values or any(not (1 <= x <= 1000) for x in values):
+        return "must be a non-empty list of step counts between 1 and 1000"
+    return None
+
+
+def _trig_mid_times(values):
+    if len(values) < max(STUDENT_STEPS) - 1:
+        return f"needs at least {max(STUDENT_STEPS) - 1} TrigFlow times (one per extra student step)"
+    if any(not (0 < t < 1.5707963) for t in values) or list(values) != sorted(values, reverse=True):
+        return "must be decreasing TrigFlow times strictly inside (0, pi/2)"
+    return None
+
+
+@dataclass
+class RunParams:
+    name: str = _spec("nano", help="run name: artifacts go to <output_dir>/<name>, reports to <report_dir>/<date>/<name>")
+    output_dir: str = _spec("outputs", help="root folder for run artifacts (relative paths are from the repo root)")
+    report_dir: str = _spec("reports", help="root folder for dated HTML reports")
+    seed: int = _spec(0, help="master seed; every random draw derives from it", check=_non_negative)
+    device: str = _spec("cpu", help="torch device", allowed=("cpu", "cuda"))
+    threads: int = _spec(0, help="torch CPU threads (0 = torch default)", check=_non_negative)
+
+
+@dataclass
+class ModelParams:
+    preset: str = _spec("nano", help="model family", allowed=MODEL_PRESETS)
+    dtype: str = _spec("float32", help="weights and activations dtype for sampling", allowed=DTYPES)
+    nano_weights: Optional[str] = _spec(
+        None, help="nano preset: folder of trained nano weights (null = random init from run.seed)")
+    diffusers_dir: Optional[str] = _spec(
+        None, help="anima-2b: local diffusers folder (Anima-Base-v1.0-Diffusers layout)")
+    comfy_diffusion_model: Optional[str] = _spec(
+        None, help="anima-2b: ComfyUI diffusion model .safetensors (DiT + llm_adapter)")
+    comfy_text_encoder: Optional[str] = _spec(None, help="anima-2b: ComfyUI qwen_3_06b_base .safetensors")
+    comfy_vae: Optional[str] = _spec(None, help="anima-2b: ComfyUI qwen_image_vae .safetensors")
+    tokenizer_dir: Optional[str] = _spec(
+        None, help="anima-2b with ComfyUI files: folder holding tokenizer/ (Qwen) and t5_tokenizer/ (T5)")
+
+
+@dataclass
+class SamplerParams:
+    teacher_steps: int = _spec(20, help="teacher Euler steps", check=_teacher_steps)
+    shift: float = _spec(3.0, help="Anima sigma shift: s' = shift*s/(1+(shift-1)*s)", check=_positive)
+    guidance_scale: float = _spec(4.0, help="CFG on velocities: v_u + w*(v_c - v_u)", check=_non_negative)
+    negative_prompt: str = _spec("", help="prompt used for the unconditional branch of CFG")
+    sigma_max: float = _spec(80.0, help="student: EDM sigma of the first step (t0 = arctan sigma_max)", check=_positive)
+    student_mid_times: list[float] = _spec(
+        help="student: TrigFlow times of steps 2..4 (rCM paper list)", check=_trig_mid_times,
+        default_factory=lambda: [1.3, 1.0, 0.6])
+
+
+@dataclass
+class GateParams:
+    teacher_steps: list[int] = _spec(
+        help="teacher step counts sampled by the gate (the last is the reference)", check=_each_teacher_steps,
+        default_factory=lambda: [1, 2, 4, 20])
+    student_steps: list[int] = _spec(
+        help="student step counts scored by the gate", check=_each_in(STUDENT_STEPS),
+        default_factory=lambda: list(STUDENT_STEPS))
+    n_prompts: int = _spec(8, help="prompts in the gate set", check=_positive)
+    seeds_per_prompt: int = _spec(4, help="images per prompt (fixed seeds)", check=_positive)
+    image_size: int = _spec(32, help="nano: image side in pixels", check=lambda v: None if v % 16 == 0 and v > 0
+                            else "must be a positive multiple of 16")
+
+
+@dataclass
+class Params:
+    run: RunParams = field(default_factory=RunParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    sampler: SamplerParams = field(default_factory=SamplerParams)
+    gate: GateParams = field(default_factory=GateParams)
+    source: str = "<defaults>"  # the file the values came from, for messages
+
+    def to_dict(self) -> dict:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "source"}
+
+    # Resolved locations, relative paths taken from the repo root so notebooks and the CLI agree.
+    def output_path(self) -> Path:
+        return _resolve(self.run.output_dir) / self.run.name
+
+    def report_root(self) -> Path:
+        return _resolve(self.run.report_dir)
+
+
+def _resolve(p: str) -> Path:
+    path = Path(os.path.expanduser(p))
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Params) if f.name != "source"}
+_SECTION_CLASSES = {"run": RunParams, "model": ModelParams, "sampler": SamplerParams, "gate": GateParams}
+
+
+def _type_ok(value, annotation) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:  # Optional[X]
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(annotation)[0])}"
+    return "null" if annotation is type(None) else annotation.__name__
+
+
+def _build_section(name: str, raw: Any, source: str):
+    cls = _SECTION_CLASSES[name]
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {name} must be a mapping of keys (got {type(raw).__name__})")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {name}.{key}; allowed keys in '{name}': {sorted(known)}")
+    values = {}
+    for key, value in raw.items():
+        annotation, meta = hints[key], known[key].metadata
+        if not _type_ok(value, annotation):
+            raise ConfigError(f"{source}: {name}.{key} = {value!r} has type {type(value).__name__}; "
+                              f"expected {_type_name(annotation)} ({meta['help']})")
+        if isinstance(annotation, type) and annotation is float:
+            value = float(value)
+        if typing.get_origin(annotation) is list and typing.get_args(annotation)[0] is float:
+            value = [float(v) for v in value]
+        if meta.get("allowed") is not None and value not in meta["allowed"]:
+            raise ConfigError(f"{source}: {name}.{key} = {value!r} is not allowed; allowed: {list(meta['allowed'])}")
+        if meta.get("check") is not None and value is not None:
+            problem = meta["check"](value)
+            if problem:
+                raise ConfigError(f"{source}: {name}.{key} = {value!r} {problem} ({meta['help']})")
+        values[key] = value
+    return cls(**values)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'distill.steps=200' -> (['distill', 'steps'], 200); the value is read as YAML (numbers, lists, null, strings)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, _, raw_value = text.partition("=")
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(f"--set {text!r}: the key must be section.key (sections: {sorted(SECTIONS)})")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from None
+    return path, value
+
+
+def resolve_preset(preset: str | os.PathLike) -> Path:
+    """A preset name ('nano') or a path to a YAML file."""
+    path = Path(preset)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PARAMS_DIR / f"{preset}.yaml"
+    elif not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    if not path.is_file():
+        names = sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
+        raise ConfigError(f"preset {str(preset)!r}: no such file {path}; presets: {names} or a path to a .yaml")
+    return path
+
+
+def load_config(preset: str | os.PathLike = "nano", overrides: list[str] | dict | None = None,
+                check_paths: bool = True) -> Params:
+    """Read a preset, apply overrides, validate types, values, checkpoint paths and the output folder."""
+    path = resolve_preset(preset)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    source = _display(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections {sorted(SECTIONS)}")
+    for section in raw:
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section {section!r}; allowed sections: {sorted(SECTIONS)}")
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in (overrides or [])]
+    for key_path, value in items:
+        if isinstance(key_path, str):
+            key_path = key_path.split(".")
+        section, key = key_path
+        if section not in SECTIONS:
+            raise ConfigError(f"--set {'.'.join(key_path)}: unknown section {section!r}; allowed: {sorted(SECTIONS)}")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{source}: {section} must be a mapping")
+        raw[section][key] = value
+        source_note = " (with --set overrides)"
+        if not source.endswith(source_note):
+            source += source_note
+    params = Params(**{name: _build_section(name, raw.get(name, {}), source) for name in SECTIONS}, source=source)
+    if check_paths:
+        _check_model_paths(params)
+        _check_writable(params)
+    return params
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _check_model_paths(p: Params) -> None:
+    m, src = p.model, p.source
+    if m.preset == "nano":
+        if m.nano_weights is not None and not _resolve(m.nano_weights).is_dir():
+            raise ConfigError(f"{src}: model.nano_weights = {m.nano_weights!r}: no such folder")
+        return
+    comfy = {"model.comfy_diffusion_model": m.comfy_diffusion_model, "model.comfy_text_encoder": m.comfy_text_encoder,
+             "model.comfy_vae": m.comfy_vae, "model.tokenizer_dir": m.tokenizer_dir}
+    if m.diffusers_dir is None and all(v is None for v in comfy.values()):
+        raise ConfigError(f"{src}: model.preset = 'anima-2b' needs local checkpoint paths: set model.diffusers_dir "
+                          f"(Anima-Base-v1.0-Diffusers folder) or all of {sorted(comfy)}; nothing is downloaded")
+    if m.diffusers_dir is not None:
+        if not _resolve(m.diffusers_dir).is_dir():
+            raise ConfigError(f"{src}: model.diffusers_dir = {m.diffusers_dir!r}: no such folder")
+        return
+    for key, value in comfy.items():
+        if value is None:
+            raise ConfigError(f"{src}: {key} is missing; ComfyUI split files need all of {sorted(comfy)}")
+        exists = _resolve(value).is_dir() if key == "model.tokenizer_dir" else _resolve(value).is_file()
+        if not exists:
+            raise ConfigError(f"{src}: {key} = {value!r}: no such {'folder' if key.endswith('dir') else 'file'}")
+
+
+def _check_writable(p: Params) -> None:
+    for key, folder in (("run.output_dir", _resolve(p.run.output_dir)), ("run.report_dir", _resolve(p.run.report_dir))):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{p.source}: {key} = {str(folder)!r} is not writable ({exc.strerror})") from None
+
+
+def describe() -> str:
+    """Every parameter with its default and help, for README and `anima params`."""
+    lines = []
+    for name, cls in _SECTION_CLASSES.items():
+        lines.append(f"{name}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            allowed = f" (allowed: {list(f.metadata['allowed'])})" if f.metadata.get("allowed") else ""
+            lines.append(f"  {f.name}: {default!r}  # {f.metadata['help']}{allowed}")
+    return "\n".join(lines)

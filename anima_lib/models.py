@@ -1,0 +1,231 @@
+"""The Anima components with the real diffusers/transformers classes, at nano size or at the real 2B size.
+
+  transformer       CosmosTransformer3DModel   latents [B,C,1,H,W] + RF sigma + context -> RF velocity
+  text_encoder      transformers Qwen3Model    frozen; last_hidden_state feeds the conditioner
+  text_conditioner  AnimaTextConditioner       the "LLM adapter": T5-vocabulary queries cross-attend to Qwen states
+  codec             images <-> normalized latents: the Qwen-Image VAE (real) or an exact pixel-shuffle codec (nano)
+
+Checkpoint files (diffusers folder, ComfyUI split files) are read and written by `anima_lib.checkpoints`.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub: every load is from a local path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AnimaTextConditioner, AutoencoderKLQwenImage, CosmosTransformer3DModel
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# --- The real Anima configs (Cosmos-Predict2-2B DiT, Qwen3-0.6B body, LLM adapter defaults, Qwen-Image VAE defaults) ---
+ANIMA_2B_TRANSFORMER = dict(
+    in_channels=16, out_channels=16, num_attention_heads=16, attention_head_dim=128, num_layers=28, mlp_ratio=4.0,
+    text_embed_dim=1024, adaln_lora_dim=256, max_size=(128, 240, 240), patch_size=(1, 2, 2),
+    rope_scale=(1.0, 4.0, 4.0), concat_padding_mask=True, extra_pos_embed_type=None)
+ANIMA_2B_TEXT_ENCODER = dict(
+    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+    num_key_value_heads=8, head_dim=128, rope_theta=1_000_000.0, max_position_embeddings=40960, rms_norm_eps=1e-6,
+    tie_word_embeddings=True)
+ANIMA_2B_CONDITIONER = dict(
+    source_dim=1024, target_dim=1024, model_dim=1024, num_layers=6, num_attention_heads=16, mlp_ratio=4.0,
+    target_vocab_size=32128, use_self_attention=True, use_layer_norm=False, min_sequence_length=512)
+ANIMA_2B_VAE: dict[str, Any] = {}  # AutoencoderKLQwenImage() defaults are the real VAE
+ANIMA_2B_TRANSFORMER_PARAMS = 1_956_405_248  # diffusers 0.42.1 on the meta device
+
+# --- The nano family: the same classes at tiny sizes (32x32 RGB images, 4x pixel-shuffle codec -> 48x8x8 latents) ---
+NANO_CODEC_FACTOR = 4
+NANO_TRANSFORMER = dict(
+    in_channels=3 * NANO_CODEC_FACTOR ** 2, out_channels=3 * NANO_CODEC_FACTOR ** 2, num_attention_heads=4,
+    attention_head_dim=32, num_layers=4, mlp_ratio=4.0, text_embed_dim=64, adaln_lora_dim=32, max_size=(4, 32, 32),
+    patch_size=(1, 2, 2), rope_scale=(1.0, 1.0, 1.0), concat_padding_mask=True, extra_pos_embed_type=None)
+NANO_TEXT_ENCODER = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, rope_theta=10_000.0, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
+NANO_CONDITIONER = dict(
+    source_dim=64, target_dim=64, model_dim=64, num_layers=2, num_attention_heads=4, mlp_ratio=4.0,
+    use_self_attention=True, use_layer_norm=False, min_sequence_length=32)
+NANO_MAX_TOKENS = 32  # prompt length limit; the conditioner pads every context to this many tokens
+
+
+class PixelShuffleCodec:
+    """The nano stand-in for the VAE: an exact, invertible space-to-depth map (no learning, no loss).
+
+    images [B,3,H,W] in [0,1] -> latents [B, 3*f*f, 1, H/f, W/f] in [-1,1]; decode(encode(x)) == x exactly.
+    """
+
+    def __init__(self, factor: int = NANO_CODEC_FACTOR):
+        self.factor = factor
+        self.latent_channels = 3 * factor * factor
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] % self.factor or images.shape[-2] % self.factor:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of {self.factor}")
+        return F.pixel_unshuffle(images * 2 - 1, self.factor).unsqueeze(2)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return ((F.pixel_shuffle(latents.squeeze(2), self.factor) + 1) / 2).clamp(0, 1)
+
+
+class VAECodec:
+    """The real codec: AutoencoderKLQwenImage with Anima's per-channel latent normalization (z - mean) / std."""
+
+    def __init__(self, vae: AutoencoderKLQwenImage):
+        self.vae = vae
+        self.latent_channels = vae.config.z_dim
+        self.factor = 2 ** (len(vae.config.dim_mult) - 1)
+
+    def _stats(self, like: torch.Tensor):
+        shape = (1, self.vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean, device=like.device, dtype=like.dtype).view(shape)
+        std = torch.tensor(self.vae.config.latents_std, device=like.device, dtype=like.dtype).view(shape)
+        return mean, std
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        z = self.vae.encode((images * 2 - 1).unsqueeze(2).to(self.vae.dtype)).latent_dist.mode()
+        mean, std = self._stats(z)
+        return (z - mean) / std
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(latents)
+        images = self.vae.decode((latents * std + mean).to(self.vae.dtype)).sample[:, :, 0]
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+@dataclass
+class AnimaComponents:
+    transformer: CosmosTransformer3DModel
+    text_encoder: Qwen3Model
+    text_conditioner: AnimaTextConditioner
+    tokenizer: Any              # Qwen side (Qwen2Tokenizer for the real model)
+    t5_tokenizer: Any           # T5 side: ids for the conditioner's query embeddings
+    codec: Any                  # PixelShuffleCodec or VAECodec
+    preset: str
+    max_tokens: int = 512
+
+    @property
+    def vae(self) -> Optional[AutoencoderKLQwenImage]:
+        return self.codec.vae if isinstance(self.codec, VAECodec) else None
+
+    def to(self, device=None, dtype=None) -> "AnimaComponents":
+        for module in (self.transformer, self.text_encoder, self.text_conditioner, self.vae):
+            if module is not None:
+                same_dtype = dtype is None or module.dtype == dtype  # skip no-op casts (diffusers warns on them)
+                module.to(device=device, dtype=None if same_dtype else dtype)
+        return self
+
+    def eval(self) -> "AnimaComponents":
+        for module in (self.transformer, self.text_encoder, self.text_conditioner, self.vae):
+            if module is not None:
+                module.eval().requires_grad_(False)
+        return self
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int, int]:
+        side = image_size // self.codec.factor
+        return (self.codec.latent_channels, 1, side, side)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """The exact context the DiT consumes: Qwen3 last_hidden_state (masked) -> conditioner -> [B, L_pad, D]."""
+        return encode_prompts(self, prompts)
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return transformer_velocity(self.transformer, x, sigma, context)
+
+
+def transformer_velocity(transformer: CosmosTransformer3DModel, x: torch.Tensor, sigma: torch.Tensor,
+                         context: torch.Tensor) -> torch.Tensor:
+    """One DiT call in Anima's convention: timestep = RF sigma in [0,1], a zero padding mask, output = RF velocity."""
+    dtype = transformer.dtype
+    padding_mask = torch.zeros(1, 1, x.shape[-2], x.shape[-1], device=x.device, dtype=dtype)
+    out = transformer(hidden_states=x.to(dtype), timestep=sigma.to(dtype), encoder_hidden_states=context.to(dtype),
+                      padding_mask=padding_mask, return_dict=False)[0]
+    return out.to(x.dtype)
+
+
+def encode_prompts(components: AnimaComponents, prompts: list[str]) -> torch.Tensor:
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a list of strings")
+    device = components.text_encoder.device
+    qwen = components.tokenizer(prompts, padding="longest", max_length=components.max_tokens, truncation=True,
+                                return_tensors="pt").to(device)
+    t5 = components.t5_tokenizer(prompts, padding="longest", max_length=components.max_tokens, truncation=True,
+                                 return_tensors="pt").to(device)
+    qwen_ids, qwen_mask = qwen.input_ids, qwen.attention_mask
+    if qwen_ids.shape[-1] == 0:  # an empty negative prompt: one masked token, as the Anima pipeline does
+        qwen_ids, qwen_mask = qwen_ids.new_zeros(len(prompts), 1), qwen_mask.new_zeros(len(prompts), 1)
+    hidden = components.text_encoder(input_ids=qwen_ids, attention_mask=qwen_mask).last_hidden_state
+    hidden = hidden * qwen_mask.to(hidden).unsqueeze(-1)
+    t5_ids, t5_mask = t5.input_ids, t5.attention_mask
+    if t5_ids.shape[-1] == 0:
+        t5_ids, t5_mask = t5_ids.new_zeros(len(prompts), 1), t5_mask.new_zeros(len(prompts), 1)
+    return components.text_conditioner(source_hidden_states=hidden.to(components.text_conditioner.dtype),
+                                       target_input_ids=t5_ids, target_attention_mask=t5_mask,
+                                       source_attention_mask=qwen_mask)
+
+
+# --- builders ------------------------------------------------------------------------------------------------------
+
+def nano_tokenizer(vocabulary: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the nano prompt vocabulary; used for both the Qwen-side and the T5-side ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    specials = ["[PAD]", "[UNK]"]
+    vocab = {word: i for i, word in enumerate(specials + sorted(set(vocabulary) - set(specials)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   model_max_length=NANO_MAX_TOKENS)
+
+
+def build_nano(vocabulary: list[str], seed: int = 0) -> AnimaComponents:
+    """Random-init nano components, deterministic in `seed`."""
+    tokenizer = nano_tokenizer(vocabulary)
+    torch.manual_seed(seed)
+    text_encoder = Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                          **NANO_TEXT_ENCODER))
+    conditioner = AnimaTextConditioner(target_vocab_size=len(tokenizer), **NANO_CONDITIONER)
+    transformer = CosmosTransformer3DModel(**NANO_TRANSFORMER)
+    return AnimaComponents(transformer=transformer, text_encoder=text_encoder, text_conditioner=conditioner,
+                           tokenizer=tokenizer, t5_tokenizer=copy.deepcopy(tokenizer), codec=PixelShuffleCodec(),
+                           preset="nano", max_tokens=NANO_MAX_TOKENS).eval()
+
+
+def build_meta_anima_2b() -> dict[str, torch.nn.Module]:
+    """The real 2B-class modules on the meta device: exact shapes and parameter counts, no memory."""
+    from accelerate import init_empty_weights
+    with init_empty_weights():
+        return {
+            "transformer": CosmosTransformer3DModel(**ANIMA_2B_TRANSFORMER),
+            "text_encoder": Qwen3Model(Qwen3Config(**ANIMA_2B_TEXT_ENCODER)),
+            "text_conditioner": AnimaTextConditioner(**ANIMA_2B_CONDITIONER),
+            "vae": AutoencoderKLQwenImage(**ANIMA_2B_VAE),
+        }
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def load_components(params) -> AnimaComponents:
+    """What a notebook calls: the components a preset names, on its device and dtype, in eval mode."""
+    from .nano_world.prompts import vocabulary
+    m = params.model
+    if m.preset == "nano" and not m.nano_weights:
+        components = build_nano(vocabulary(), seed=params.run.seed)
+    elif m.preset == "nano" or m.diffusers_dir:
+        from .checkpoints import load_diffusers_folder
+        components = load_diffusers_folder(m.nano_weights or m.diffusers_dir)
+    else:
+        from .checkpoints import load_comfy_split
+        components = load_comfy_split(m.comfy_diffusion_model, m.comfy_text_encoder, m.comfy_vae,
+                                                  m.tokenizer_dir)
+    components.to(device=params.run.device, dtype=DTYPES[m.dtype])
+    # the text encoder stays in its own precision choice later (cache issue); sampling dtype applies to all for now
+    return components.eval()

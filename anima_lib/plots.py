@@ -1,0 +1,50 @@
+"""Figures the reports show: image grids with labels and metric-versus-steps curves."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import matplotlib.pyplot as plt
+import torch
+
+
+def image_grid(rows: Sequence[torch.Tensor], row_labels: Sequence[str], col_labels: Optional[Sequence[str]] = None,
+               title: str = "", cell_inches: float = 1.1):
+    """rows: one [N,3,H,W] tensor in [0,1] per row (same N); every column shares its seed across rows."""
+    n_rows, n_cols = len(rows), rows[0].shape[0]
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell_inches * n_cols + 1.2, cell_inches * n_rows + 0.4),
+                             squeeze=False)
+    for r, images in enumerate(rows):
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).cpu().float().numpy(), interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=8)
+            if r == 0 and col_labels is not None:
+                ax.set_title(col_labels[c], fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def metric_vs_steps(rows: dict[str, dict[str, float]], metric: str, title: str = "", logx: bool = True):
+    """rows as in metrics.json ('teacher@4': {...}); one line per model, x = steps."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    models: dict[str, list[tuple[int, float]]] = {}
+    for row, metrics in rows.items():
+        if metric in metrics:
+            model, steps = row.split("@")
+            models.setdefault(model, []).append((int(steps), metrics[metric]))
+    for model, points in sorted(models.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("steps")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} vs steps", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,285 @@
+"""Runner and reports: papermill executes the notebooks in order into reports/<date>/<run>/, each also as a
+self-contained HTML page; the day's index.html lists every notebook with status, wall time, headline metrics,
+verdict and provenance.
+
+Contract with the notebooks: each calls `write_metrics(params, "<NN_name>", rows=..., verdict=..., passed=...)`,
+which writes outputs/<run>/metrics/<NN_name>.json. Status is then
+    pass     the notebook ran and its checks passed
+    fail     the notebook ran and a check failed (passed=False)
+    error    an exception, a dead kernel, or no metrics file written
+    skipped  a notebook it needs did not pass (or it does not apply to the preset)
+The gathered reports/<date>/<run>/metrics.json is {notebook: {status, wall_s, rows, verdict, ...}}; rows are named
+"<model>@<steps>" (teacher@20, student@1, student_q4@4, ...) -> {metric: value}.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from . import config as config_mod
+from .io import atomic_write_json, atomic_write_text
+
+NOTEBOOK_DIR = config_mod.REPO_ROOT / "notebooks"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    needs: tuple[str, ...] = ()
+    presets: Optional[tuple[str, ...]] = None  # model presets it applies to (None = all)
+
+
+# The pipeline, in order. Notebooks not yet in notebooks/ are left out of a run (and said so).
+PIPELINE = (
+    Step("00_nano_teacher", presets=("nano",)),
+    Step("01_cache", needs=("00_nano_teacher",)),
+    Step("02_distill", needs=("01_cache",)),
+    Step("03_deturbo", needs=("02_distill",)),
+    Step("04_quantize", needs=("02_distill",)),
+    Step("05_quality_gate", needs=("00_nano_teacher",)),
+    Step("06_lora_survival", needs=("03_deturbo",)),
+)
+
+
+# --- what notebooks call ---------------------------------------------------------------------------------------------
+
+def metrics_file(params, notebook: str) -> Path:
+    return params.output_path() / "metrics" / f"{notebook}.json"
+
+
+def write_metrics(params, notebook: str, rows: dict, verdict: str, passed: bool, headline: Optional[dict] = None,
+                  **extra) -> Path:
+    """Write outputs/<run>/metrics/<notebook>.json; values must be finite numbers (NaN is a failure, not a value)."""
+    for row, metrics in rows.items():
+        for name, value in metrics.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                passed = False
+                verdict = f"{verdict} [non-finite {name} in {row}]"
+    record = {"notebook": notebook, "passed": bool(passed), "verdict": verdict, "headline": headline or {},
+              "rows": rows, **extra}
+    return atomic_write_json(metrics_file(params, notebook), record)
+
+
+def require_outputs(params, notebook: str, *paths: Path) -> None:
+    """Fail with the name of the notebook to run first when an input artifact is missing."""
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"missing {missing}: run notebook {notebook} first "
+                                f"(anima run {params.source.split(' ')[0]} --only {notebook})")
+
+
+# --- HTML -------------------------------------------------------------------------------------------------------------
+
+def export_html(ipynb_path: Path, html_path: Path) -> Path:
+    """A self-contained page: images embedded as data URIs, no remote scripts, parameter cells hidden."""
+    import nbformat
+    from nbconvert import HTMLExporter
+    from traitlets.config import Config
+    c = Config()
+    c.TagRemovePreprocessor.enabled = True
+    c.TagRemovePreprocessor.remove_input_tags = {"remove-input", "parameters", "injected-parameters"}
+    c.TagRemovePreprocessor.remove_cell_tags = {"remove-cell"}
+    c.HTMLExporter.preprocessors = ["nbconvert.preprocessors.TagRemovePreprocessor"]
+    exporter = HTMLExporter(config=c, template_name="offline", extra_template_basedirs=[str(TEMPLATE_DIR)],
+                            embed_images=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(ipynb_path, as_version=4),
+                                          resources={"metadata": {"path": str(ipynb_path.parent)}})
+    return atomic_write_text(html_path, body)
+
+
+def provenance(params, total_s: Optional[float] = None) -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=config_mod.REPO_ROOT, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    from importlib import metadata
+    versions = {}
+    for pkg in ("torch", "diffusers", "transformers", "peft", "safetensors", "papermill", "nbconvert", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "absent"
+    gpu = "none"
+    try:
+        import torch
+        if torch.cuda.is_available():
+            gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    except Exception:  # provenance must never break a report
+        pass
+    return {
+        "git_sha": git("rev-parse", "HEAD") or "unknown",
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "params_source": params.source,
+        "params": params.to_dict(),
+        "versions": versions,
+        "python": platform.python_version(),
+        "cpu": f"{platform.machine()} {platform.processor() or ''} x{os.cpu_count()}".strip(),
+        "gpu": gpu,
+        "host": platform.node(),
+        "total_s": total_s,
+        "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+_STATUS_COLOUR = {"pass": "#1a7f37", "fail": "#cf222e", "error": "#8250df", "skipped": "#6e7781"}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def render_day_index(day_dir: Path) -> Path:
+    """reports/<date>/index.html: every run of the day, each with its notebooks and provenance."""
+    runs = sorted((p for p in day_dir.iterdir() if (p / "summary.json").is_file()),
+                  key=lambda p: json.loads((p / "summary.json").read_text())["provenance"]["finished"], reverse=True)
+    sections = []
+    for run_dir in runs:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rows = []
+        for nb in summary["notebooks"]:
+            link = (f'<a href="{run_dir.name}/{nb["name"]}.html">{nb["name"]}</a>' if nb.get("html")
+                    else html.escape(nb["name"]))
+            colour = _STATUS_COLOUR[nb["status"]]
+            headline = "<br>".join(f"{html.escape(k)} = {_fmt(v)}" for k, v in (nb.get("headline") or {}).items())
+            wall = f'{nb["wall_s"]:.1f} s' if nb.get("wall_s") is not None else ""
+            rows.append(f'<tr><td>{link}</td><td><span class="badge" style="background:{colour}">{nb["status"]}'
+                        f'</span></td><td>{wall}</td><td>{headline}</td><td>{html.escape(nb.get("verdict") or "")}'
+                        f'</td></tr>')
+        prov = summary["provenance"]
+        overall = summary["status"]
+        sections.append(f"""
+<section>
+<h2>run <code>{html.escape(run_dir.name)}</code> <span class="badge" style="background:{_STATUS_COLOUR[overall]}">{overall}</span></h2>
+<table><thead><tr><th>notebook</th><th>status</th><th>wall time</th><th>headline metrics</th><th>verdict</th></tr></thead>
+<tbody>{''.join(rows)}</tbody></table>
+<details><summary>provenance: git {html.escape(prov['git_sha'][:10])}{' (dirty)' if prov['git_dirty'] else ''},
+{html.escape(prov['cpu'])}, GPU {html.escape(prov['gpu'])}, total {_fmt(prov['total_s'])} s, finished {html.escape(prov['finished'])}</summary>
+<pre>{html.escape(json.dumps(prov, indent=2))}</pre></details>
+<p><a href="{run_dir.name}/metrics.json">metrics.json</a></p>
+</section>""")
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>anima-distill reports {day_dir.name}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #1f2328; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #d0d7de; padding: .4em .7em; text-align: left; vertical-align: top; }}
+th {{ background: #f6f8fa; }}
+.badge {{ color: white; border-radius: 1em; padding: .1em .7em; font-size: .9em; }}
+pre {{ background: #f6f8fa; padding: 1em; overflow-x: auto; }}
+</style></head>
+<body><h1>anima-distill — reports of {day_dir.name}</h1>
+{''.join(sections) or '<p>No runs yet.</p>'}
+</body></html>
+"""
+    return atomic_write_text(day_dir / "index.html", page)
+
+
+# --- the runner -------------------------------------------------------------------------------------------------------
+
+def _execute(step: Step, preset_path: Path, overrides: list[str], run_dir: Path, params) -> dict:
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+    out_ipynb = run_dir / f"{step.name}.ipynb"
+    metrics_path = metrics_file(params, step.name)
+    metrics_path.unlink(missing_ok=True)  # a stale file must never pass for this run's result
+    started = time.perf_counter()
+    error = None
+    try:
+        pm.execute_notebook(str(NOTEBOOK_DIR / f"{step.name}.ipynb"), str(out_ipynb),
+                            parameters={"preset": str(preset_path), "overrides": list(overrides)},
+                            kernel_name="python3", cwd=str(NOTEBOOK_DIR), progress_bar=True,
+                            request_save_on_cell_execute=True)
+    except PapermillExecutionError as exc:
+        error = f"{exc.ename}: {exc.evalue}"
+    except Exception as exc:  # DeadKernelError, timeouts, a broken kernel: still report it
+        error = f"{type(exc).__name__}: {exc}"
+    wall_s = time.perf_counter() - started
+    result = {"name": step.name, "wall_s": wall_s, "html": False}
+    if out_ipynb.exists():
+        try:
+            export_html(out_ipynb, run_dir / f"{step.name}.html")
+            result["html"] = True
+        except Exception as exc:
+            error = error or f"HTML export failed: {exc}"
+    if error is None and not metrics_path.is_file():
+        error = f"the notebook wrote no metrics file ({metrics_path})"
+    if error is not None:
+        result.update(status="error", verdict=error.splitlines()[0][:300])
+        return result
+    record = json.loads(metrics_path.read_text())
+    result.update(status="pass" if record["passed"] else "fail", verdict=record["verdict"],
+                  headline=record.get("headline", {}), rows=record.get("rows", {}))
+    return result
+
+
+def run_pipeline(preset: str, overrides: Optional[list[str]] = None, only: Optional[list[str]] = None,
+                 log=print) -> int:
+    """Validate, run every notebook (or `only` those), write the reports; returns the exit code (0 = all passed)."""
+    overrides = list(overrides or [])
+    preset_path = config_mod.resolve_preset(preset)
+    params = config_mod.load_config(preset_path, overrides)  # every parameter error surfaces here, before compute
+    known = [s.name for s in PIPELINE]
+    for name in only or []:
+        if name not in known:
+            raise config_mod.ConfigError(f"--only {name}: unknown notebook; notebooks: {known}")
+    present = [s for s in PIPELINE if (NOTEBOOK_DIR / f"{s.name}.ipynb").is_file()]
+    absent = [s.name for s in PIPELINE if s not in present]
+    day_dir = params.report_root() / _dt.date.today().isoformat()
+    run_dir = day_dir / params.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if absent:
+        log(f"not in this checkout yet: {', '.join(absent)}")
+    selected = [s for s in present if not only or s.name in only]
+    status: dict[str, str] = {}
+    results = []
+    started = time.perf_counter()
+    for index, step in enumerate(selected, 1):
+        blocked = [n for n in step.needs if n in status and status[n] != "pass"]
+        if step.presets is not None and params.model.preset not in step.presets:
+            result = {"name": step.name, "status": "skipped", "wall_s": None, "applies": False,
+                      "verdict": f"does not apply to model.preset={params.model.preset}"}
+            status[step.name] = "pass"  # not applicable is not a failure for what follows
+        elif blocked:
+            result = {"name": step.name, "status": "skipped", "wall_s": None,
+                      "verdict": "needs " + ", ".join(f"{n} ({status[n]})" for n in blocked)}
+        else:
+            log(f"[{index}/{len(selected)}] {step.name}: running")
+            result = _execute(step, preset_path, overrides, run_dir, params)
+        if step.name not in status:
+            status[step.name] = result["status"]
+        log(f"[{index}/{len(selected)}] {step.name}: {result['status']}"
+            + (f" in {result['wall_s']:.1f} s" if result.get("wall_s") else "") + f" — {result.get('verdict', '')}")
+        results.append(result)
+    total_s = time.perf_counter() - started
+    overall = "pass" if all(r["status"] == "pass" or r.get("applies") is False for r in results) else "fail"
+    gathered = {r["name"]: {k: r.get(k) for k in ("status", "wall_s", "rows", "verdict", "headline")} for r in results}
+    atomic_write_json(run_dir / "metrics.json", gathered)
+    atomic_write_json(run_dir / "summary.json", {"status": overall, "notebooks": results,
+                                                 "provenance": provenance(params, total_s)})
+    index = render_day_index(day_dir)
+    log(f"report: {index}")
+    return 0 if overall == "pass" else 1
+
+
+def markdown_table(rows: dict[str, dict]) -> str:
+    """{row: {column: value}} as a Markdown table (how notebooks show metrics without extra dependencies)."""
+    columns = list(dict.fromkeys(c for values in rows.values() for c in values))
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row, values in rows.items():
+        lines.append(f"| {row} | " + " | ".join(_fmt(values.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
