@@ -113,7 +113,7 @@ class SamplerParams:
 @dataclass
 class GateParams:
     teacher_steps: list[int] = _spec(
-        help="teacher step counts sampled by the gate (the last is the reference)", check=_each_teacher_steps,
+        help="teacher step counts sampled by the gate; must include sampler.teacher_steps (the reference row)", check=_each_teacher_steps,
         default_factory=lambda: [1, 2, 4, 20])
     student_steps: list[int] = _spec(
         help="student step counts scored by the gate", check=_each_in(STUDENT_STEPS),
@@ -263,6 +263,9 @@ def load_config(preset: str | os.PathLike = "nano", overrides: list[str] | dict 
         if not source.endswith(source_note):
             source += source_note
     params = Params(**{name: _build_section(name, raw.get(name, {}), source) for name in SECTIONS}, source=source)
+    if params.sampler.teacher_steps not in params.gate.teacher_steps:
+        raise ConfigError(f"{source}: gate.teacher_steps = {params.gate.teacher_steps} must include "
+                          f"sampler.teacher_steps = {params.sampler.teacher_steps} (the gate's reference row)")
     if check_paths:
         _check_model_paths(params)
         _check_writable(params)

@@ -3,7 +3,7 @@ metrics per row ("teacher@20", "teacher@1", ...).
 
 Metrics available now (pixel space, no learned features; names say exactly that):
   rmse_to_reference   RMSE in [0,1] pixels between a row's image and the reference row's image for the same
-                      prompt and seed (the reference is the teacher at its largest step count)
+                      prompt and seed (the reference is the teacher at sampler.teacher_steps)
   pixel_diversity     mean pairwise pixel RMSE between the seeds of one prompt, averaged over prompts
 """
 from __future__ import annotations

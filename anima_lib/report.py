@@ -191,7 +191,7 @@ pre {{ background: #f6f8fa; padding: 1em; overflow-x: auto; }}
 
 # --- the runner -------------------------------------------------------------------------------------------------------
 
-def _execute(step: Step, preset_path: Path, overrides: list[str], run_dir: Path, params) -> dict:
+def _execute(step: Step, preset_path: Path, overrides: list[str], run_dir: Path, params, notebook_dir: Path) -> dict:
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
     out_ipynb = run_dir / f"{step.name}.ipynb"
@@ -200,9 +200,9 @@ def _execute(step: Step, preset_path: Path, overrides: list[str], run_dir: Path,
     started = time.perf_counter()
     error = None
     try:
-        pm.execute_notebook(str(NOTEBOOK_DIR / f"{step.name}.ipynb"), str(out_ipynb),
+        pm.execute_notebook(str(notebook_dir / f"{step.name}.ipynb"), str(out_ipynb),
                             parameters={"preset": str(preset_path), "overrides": list(overrides)},
-                            kernel_name="python3", cwd=str(NOTEBOOK_DIR), progress_bar=True,
+                            kernel_name="python3", cwd=str(notebook_dir), progress_bar=True,
                             request_save_on_cell_execute=True)
     except PapermillExecutionError as exc:
         error = f"{exc.ename}: {exc.evalue}"
@@ -228,17 +228,17 @@ def _execute(step: Step, preset_path: Path, overrides: list[str], run_dir: Path,
 
 
 def run_pipeline(preset: str, overrides: Optional[list[str]] = None, only: Optional[list[str]] = None,
-                 log=print) -> int:
+                 log=print, pipeline: tuple[Step, ...] = PIPELINE, notebook_dir: Path = NOTEBOOK_DIR) -> int:
     """Validate, run every notebook (or `only` those), write the reports; returns the exit code (0 = all passed)."""
     overrides = list(overrides or [])
     preset_path = config_mod.resolve_preset(preset)
     params = config_mod.load_config(preset_path, overrides)  # every parameter error surfaces here, before compute
-    known = [s.name for s in PIPELINE]
+    known = [s.name for s in pipeline]
     for name in only or []:
         if name not in known:
             raise config_mod.ConfigError(f"--only {name}: unknown notebook; notebooks: {known}")
-    present = [s for s in PIPELINE if (NOTEBOOK_DIR / f"{s.name}.ipynb").is_file()]
-    absent = [s.name for s in PIPELINE if s not in present]
+    present = [s for s in pipeline if (notebook_dir / f"{s.name}.ipynb").is_file()]
+    absent = [s.name for s in pipeline if s not in present]
     day_dir = params.report_root() / _dt.date.today().isoformat()
     run_dir = day_dir / params.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -259,7 +259,7 @@ def run_pipeline(preset: str, overrides: Optional[list[str]] = None, only: Optio
                       "verdict": "needs " + ", ".join(f"{n} ({status[n]})" for n in blocked)}
         else:
             log(f"[{index}/{len(selected)}] {step.name}: running")
-            result = _execute(step, preset_path, overrides, run_dir, params)
+            result = _execute(step, preset_path, overrides, run_dir, params, notebook_dir)
         if step.name not in status:
             status[step.name] = result["status"]
         log(f"[{index}/{len(selected)}] {step.name}: {result['status']}"

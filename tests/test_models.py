@@ -1,0 +1,113 @@
+import pytest
+import torch
+from diffusers import AutoencoderKLQwenImage
+
+from anima_lib import checkpoints, models
+from anima_lib.nano_world.prompts import sample_creatures, vocabulary
+
+PROMPTS = [c.prompt() for c in sample_creatures(3, seed=0)]
+
+
+@pytest.fixture(scope="module")
+def nano():
+    return models.build_nano(vocabulary(), seed=0)
+
+
+def tiny_vae():
+    torch.manual_seed(0)
+    return AutoencoderKLQwenImage(base_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+
+
+def test_real_anima_sizes_on_meta_device():
+    meta = models.build_meta_anima_2b()
+    assert models.count_parameters(meta["transformer"]) == models.ANIMA_2B_TRANSFORMER_PARAMS == 1_956_405_248
+    assert models.count_parameters(meta["text_encoder"]) == 596_049_920
+    assert models.count_parameters(meta["text_conditioner"]) == 134_663_680
+    assert models.count_parameters(meta["vae"]) == 126_892_531
+    assert all(p.device.type == "meta" for p in meta["transformer"].parameters())
+
+
+def test_nano_is_deterministic_in_seed():
+    a, b, c = (models.build_nano(vocabulary(), seed=s) for s in (0, 0, 1))
+    sa, sb, sc = (m.transformer.state_dict() for m in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_nano_text_path_and_velocity_shapes(nano):
+    context = nano.encode_prompts(PROMPTS)
+    assert context.shape == (3, models.NANO_MAX_TOKENS, models.NANO_CONDITIONER["target_dim"])
+    # the conditioner zeroes padded query positions; real prompts are shorter than the pad length
+    n_tokens = len(PROMPTS[0].split())
+    assert context[0, n_tokens:].abs().sum() == 0 and context[0, :n_tokens].abs().sum() > 0
+    x = torch.randn(3, *nano.latent_shape(32))
+    v = nano.velocity(x, torch.tensor([0.2, 0.5, 1.0]), context)
+    assert v.shape == x.shape and torch.isfinite(v).all()
+    # conditioning matters and time matters
+    assert not torch.allclose(v[0], nano.velocity(x, torch.tensor([0.2, 0.5, 1.0]), context.flip(0))[0])
+    assert not torch.allclose(v, nano.velocity(x, torch.tensor([0.3, 0.5, 1.0]), context))
+
+
+def test_empty_negative_prompt_is_a_zero_context(nano):
+    negative = nano.encode_prompts([""])
+    assert negative.shape[0] == 1 and negative.abs().sum() == 0
+
+
+def test_unknown_words_map_to_unk(nano):
+    ids = nano.tokenizer(["a zebra creature"]).input_ids[0]
+    assert nano.tokenizer.unk_token_id in ids
+
+
+def test_pixel_shuffle_codec_is_exact():
+    codec = models.PixelShuffleCodec(4)
+    images = torch.rand(2, 3, 32, 32)
+    latents = codec.encode(images)
+    assert latents.shape == (2, 48, 1, 8, 8)
+    assert torch.allclose(codec.decode(latents), images, atol=1e-7)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        codec.encode(torch.rand(1, 3, 30, 30))
+
+
+def test_vae_codec_normalizes_with_latent_stats():
+    vae = tiny_vae()
+    codec = models.VAECodec(vae)
+    images = torch.rand(1, 3, 32, 32)
+    latents = codec.encode(images)
+    assert latents.shape == (1, 16, 1, 4, 4) and codec.factor == 8
+    raw = vae.encode((images * 2 - 1).unsqueeze(2)).latent_dist.mode()
+    mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
+    assert torch.allclose(latents, (raw - mean) / std, atol=1e-5)
+    decoded = codec.decode(latents)
+    expected = ((vae.decode(raw).sample[:, :, 0] + 1) / 2).clamp(0, 1)
+    assert torch.allclose(decoded, expected, atol=1e-5)
+
+
+def _assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+
+
+def test_diffusers_folder_round_trip_is_bit_exact(nano, tmp_path):
+    with_vae = models.AnimaComponents(**{**nano.__dict__, "codec": models.VAECodec(tiny_vae()), "preset": "anima-2b"})
+    for components, name in ((nano, "nano"), (with_vae, "anima")):
+        folder = checkpoints.save_diffusers_folder(components, tmp_path / name)
+        loaded = checkpoints.load_diffusers_folder(folder)
+        for part in ("transformer", "text_encoder", "text_conditioner"):
+            _assert_same_weights(getattr(components, part), getattr(loaded, part))
+        if name == "anima":
+            _assert_same_weights(components.vae, loaded.vae)
+        assert torch.equal(components.encode_prompts(PROMPTS), loaded.encode_prompts(PROMPTS))
+        assert loaded.preset == ("nano" if name == "nano" else "anima-2b")
+
+
+def test_diffusers_loader_names_missing_parts(nano, tmp_path):
+    with pytest.raises(checkpoints.CheckpointError, match="no such local folder"):
+        checkpoints.load_diffusers_folder(tmp_path / "nowhere")
+    folder = checkpoints.save_diffusers_folder(nano, tmp_path / "nano")
+    import shutil
+    shutil.rmtree(folder / "text_conditioner")
+    with pytest.raises(checkpoints.CheckpointError, match=r"missing component folder\(s\) \['text_conditioner'\]"):
+        checkpoints.load_diffusers_folder(folder)

@@ -1,0 +1,127 @@
+"""The runner end to end on tiny notebooks: papermill, HTML export, statuses, skipping, exit codes."""
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from anima_lib import report
+from anima_lib.report import Step, run_pipeline
+
+PARAMS_CELL = 'preset = "nano"\noverrides = []'
+WORK = """
+import matplotlib.pyplot as plt
+from anima_lib import config, report
+params = config.load_config(preset, overrides)
+fig, ax = plt.subplots(); ax.plot([1, 2, 4], [3, 2, 1])
+"""
+
+
+def make_notebook(folder: Path, name: str, body: str):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params_cell = nbformat.v4.new_code_cell(PARAMS_CELL)
+    params_cell.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell(f"# {name}"), params_cell, nbformat.v4.new_code_cell(body)]
+    nbformat.write(nb, folder / f"{name}.ipynb")
+
+
+def metrics_code(name, passed=True):
+    return (WORK + f"report.write_metrics(params, {name!r}, rows={{'teacher@4': {{'rmse_to_reference': 0.5}}}}, "
+            f"verdict='checked', passed={passed}, headline={{'rmse@4': 0.5}})\n")
+
+
+@pytest.fixture
+def preset(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(f"run:\n  name: t\n  output_dir: {tmp_path}/out\n  report_dir: {tmp_path}/rep\n")
+    return path
+
+
+def run(tmp_path, preset, steps, **kw):
+    lines = []
+    code = run_pipeline(str(preset), pipeline=steps, notebook_dir=tmp_path, log=lines.append, **kw)
+    day = next((tmp_path / "rep").iterdir())
+    summary = json.loads((day / "t" / "summary.json").read_text())
+    return code, day, {n["name"]: n for n in summary["notebooks"]}, lines
+
+
+def test_passing_pipeline_writes_self_contained_reports(tmp_path, preset):
+    make_notebook(tmp_path, "00_a", metrics_code("00_a"))
+    make_notebook(tmp_path, "01_b", metrics_code("01_b"))
+    code, day, notebooks, lines = run(tmp_path, preset, (Step("00_a"), Step("01_b", needs=("00_a",))))
+    assert code == 0
+    assert [n["status"] for n in notebooks.values()] == ["pass", "pass"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d", day.name)
+    html_page = (day / "t" / "00_a.html").read_text()
+    assert "data:image/png;base64," in html_page                  # the plot is embedded
+    assert not re.search(r"<script[^>]+src=[\"']?https?:", html_page)  # no CDN scripts
+    assert not re.search(r"<link[^>]+href=[\"']?https?:", html_page)
+    assert 'preset = "nano"' not in html_page                      # parameter cells hidden
+    index = (day / "index.html").read_text()
+    assert "00_a.html" in index and "rmse@4" in index and "checked" in index and "git" in index
+    gathered = json.loads((day / "t" / "metrics.json").read_text())
+    assert gathered["01_b"]["rows"]["teacher@4"]["rmse_to_reference"] == 0.5
+    assert any("report:" in line for line in lines)
+
+
+def test_error_keeps_html_skips_dependents_and_exits_nonzero(tmp_path, preset):
+    make_notebook(tmp_path, "00_a", WORK + "raise ValueError('the teacher exploded')\n")
+    make_notebook(tmp_path, "01_b", metrics_code("01_b"))
+    make_notebook(tmp_path, "02_c", metrics_code("02_c"))
+    code, day, notebooks, _ = run(tmp_path, preset, (Step("00_a"), Step("01_b", needs=("00_a",)), Step("02_c")))
+    assert code == 1
+    assert notebooks["00_a"]["status"] == "error" and "the teacher exploded" in notebooks["00_a"]["verdict"]
+    assert notebooks["01_b"]["status"] == "skipped" and "00_a (error)" in notebooks["01_b"]["verdict"]
+    assert notebooks["02_c"]["status"] == "pass"                  # independent work still runs
+    assert "the teacher exploded" in (day / "t" / "00_a.html").read_text()
+
+
+def test_failed_check_is_fail_not_error(tmp_path, preset):
+    make_notebook(tmp_path, "00_a", metrics_code("00_a", passed=False))
+    code, _, notebooks, _ = run(tmp_path, preset, (Step("00_a"),))
+    assert code == 1 and notebooks["00_a"]["status"] == "fail"
+
+
+def test_no_metrics_file_is_an_error(tmp_path, preset):
+    make_notebook(tmp_path, "00_a", "x = 1\n")
+    code, _, notebooks, _ = run(tmp_path, preset, (Step("00_a"),))
+    assert code == 1 and notebooks["00_a"]["status"] == "error" and "no metrics file" in notebooks["00_a"]["verdict"]
+
+
+def test_only_and_preset_scoping(tmp_path, preset):
+    make_notebook(tmp_path, "00_a", metrics_code("00_a"))
+    make_notebook(tmp_path, "01_b", metrics_code("01_b"))
+    steps = (Step("00_a", presets=("anima-2b",)), Step("01_b", needs=("00_a",)))
+    code, _, notebooks, _ = run(tmp_path, preset, steps)
+    assert code == 0 and notebooks["00_a"]["status"] == "skipped" and notebooks["01_b"]["status"] == "pass"
+    code, _, notebooks, _ = run(tmp_path, preset, steps, only=["01_b"])
+    assert list(notebooks) == ["01_b"]
+
+
+def test_unknown_only_is_a_parameter_error(tmp_path, preset):
+    with pytest.raises(report.config_mod.ConfigError, match="unknown notebook"):
+        run_pipeline(str(preset), only=["99_nope"], notebook_dir=tmp_path, log=lambda *_: None)
+
+
+def test_non_finite_metric_fails(tmp_path, preset):
+    from anima_lib import config
+    params = config.load_config(preset)
+    path = report.write_metrics(params, "05_x", rows={"teacher@1": {"rmse_to_reference": float("nan")}},
+                                verdict="v", passed=True)
+    record = json.loads(path.read_text())
+    assert record["passed"] is False and "non-finite" in record["verdict"]
+
+
+def test_shipped_notebooks_are_stripped_and_parameterized():
+    for path in sorted(report.NOTEBOOK_DIR.glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        assert nb.metadata["kernelspec"]["name"] == "python3", path
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"{path.name}: needs exactly one 'parameters' cell"
+        assert "preset" in tagged[0].source and "overrides" in tagged[0].source
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert not cell.outputs and cell.execution_count is None, f"{path.name}: commit notebooks stripped"
+        assert path.stem in {s.name for s in report.PIPELINE}
