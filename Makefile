@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PRESET ?= params/nano.yaml
 
-.PHONY: run test smoke lab install clean-venv
+.PHONY: run test smoke lab install strip clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,3 +31,7 @@ lab: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Notebooks are committed without outputs.
+strip: $(STAMP)
+	$(BIN)/nbstripout notebooks/*.ipynb

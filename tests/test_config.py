@@ -80,6 +80,14 @@ def test_bad_values_fail_with_the_key(tmp_path, override, pattern):
         load_config(write(tmp_path, base(tmp_path)), [override])
 
 
+def test_cuda_without_a_gpu_is_a_parameter_error(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="run.device = 'cuda' but this machine has no CUDA device"):
+        load_config(write(tmp_path, base(tmp_path)), ["run.device=cuda"])
+
+
 def test_overrides_are_typed_and_applied(tmp_path):
     p = load_config(write(tmp_path, base(tmp_path)), ["gate.n_prompts=3", "sampler.guidance_scale=2",
                                                       "gate.teacher_steps=[1, 8]", "sampler.teacher_steps=8"])
