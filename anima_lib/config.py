@@ -266,13 +266,13 @@ def load_config(preset: str | os.PathLike = "nano", overrides: list[str] | dict 
     if params.sampler.teacher_steps not in params.gate.teacher_steps:
         raise ConfigError(f"{source}: gate.teacher_steps = {params.gate.teacher_steps} must include "
                           f"sampler.teacher_steps = {params.sampler.teacher_steps} (the gate's reference row)")
+    if check_paths:
+        _check_model_paths(params)
+        _check_writable(params)
     if params.run.device == "cuda":
         import torch  # only here: validating a CPU preset stays instant
         if not torch.cuda.is_available():
             raise ConfigError(f"{source}: run.device = 'cuda' but this machine has no CUDA device; use cpu")
-    if check_paths:
-        _check_model_paths(params)
-        _check_writable(params)
     return params
 
 
