@@ -111,3 +111,87 @@ def test_diffusers_loader_names_missing_parts(nano, tmp_path):
     shutil.rmtree(folder / "text_conditioner")
     with pytest.raises(checkpoints.CheckpointError, match=r"missing component folder\(s\) \['text_conditioner'\]"):
         checkpoints.load_diffusers_folder(folder)
+
+
+# --- ComfyUI split files ----------------------------------------------------------------------------------------------
+from anima_lib import comfy_keys  # noqa: E402
+
+
+def test_comfy_dit_key_map_matches_the_original_cosmos_names():
+    state = models.build_meta_anima_2b()["transformer"].state_dict()
+    comfy = {comfy_keys.dit_key_to_comfy(k): k for k in state}
+    assert len(comfy) == len(state) == 567                      # a bijection on the real 2B keys
+    for original in ("x_embedder.proj.1.weight", "t_embedder.1.linear_2.weight", "t_embedding_norm.weight",
+                     "final_layer.linear.weight", "final_layer.adaln_modulation.2.weight",
+                     "blocks.27.self_attn.output_proj.weight", "blocks.0.cross_attn.k_norm.weight",
+                     "blocks.3.mlp.layer1.weight", "blocks.3.adaln_modulation_cross_attn.1.weight"):
+        assert original in comfy, original
+    assert all(comfy_keys.dit_key_to_diffusers(k) == v for k, v in comfy.items())
+
+
+def test_comfy_vae_key_map_on_the_real_vae():
+    state = models.build_meta_anima_2b()["vae"].state_dict()
+    comfy = {comfy_keys.vae_key_to_comfy(k, 2): k for k in state}
+    assert len(comfy) == len(state) == 194
+    for original in ("conv1.weight", "conv2.bias", "encoder.conv1.weight", "decoder.head.2.weight",
+                     "encoder.downsamples.3.shortcut.weight", "encoder.downsamples.5.time_conv.weight",
+                     "decoder.upsamples.3.resample.1.weight", "decoder.upsamples.7.time_conv.weight",
+                     "decoder.upsamples.4.shortcut.weight", "decoder.middle.1.to_qkv.weight"):
+        assert original in comfy, original
+    shapes = {k: torch.empty(state[v].shape, device="meta") for k, v in comfy.items()}
+    config = comfy_keys.vae_config_from_comfy(shapes)
+    assert config == dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                          temperal_downsample=[False, True, True])
+
+
+def tiny_anima(nano):
+    """Tiny random modules with the real model's non-shape settings (rope scale, no extra pos-embed, ...)."""
+    from diffusers import AnimaTextConditioner, CosmosTransformer3DModel
+    torch.manual_seed(1)
+    transformer = CosmosTransformer3DModel(**{**models.ANIMA_2B_TRANSFORMER, "num_attention_heads": 2,
+                                              "attention_head_dim": 16, "num_layers": 2, "text_embed_dim": 64,
+                                              "adaln_lora_dim": 8})
+    conditioner = AnimaTextConditioner(**{**models.ANIMA_2B_CONDITIONER, "source_dim": 64, "target_dim": 64,
+                                          "model_dim": 64, "num_layers": 2, "num_attention_heads": 4,
+                                          "target_vocab_size": len(nano.tokenizer)})
+    from transformers import Qwen3Config, Qwen3Model
+    text_encoder = Qwen3Model(Qwen3Config(**{**models.ANIMA_2B_TEXT_ENCODER, "vocab_size": len(nano.tokenizer),
+                                             "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                                             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}))
+    return models.AnimaComponents(transformer=transformer, text_encoder=text_encoder.eval(),
+                                  text_conditioner=conditioner, tokenizer=nano.tokenizer,
+                                  t5_tokenizer=nano.t5_tokenizer, codec=models.VAECodec(tiny_vae()), preset="anima-2b")
+
+
+def test_comfy_split_round_trip_is_bit_exact(nano, tmp_path):
+    original = tiny_anima(nano)
+    paths = checkpoints.save_comfy_split(original, tmp_path / "comfy")
+    from safetensors.torch import load_file
+    dit_keys = set(load_file(paths["comfy_diffusion_model"]))
+    assert "net.blocks.0.self_attn.q_proj.weight" in dit_keys and "net.llm_adapter.blocks.0.self_attn.q_proj.weight" in dit_keys
+    assert "model.embed_tokens.weight" in load_file(paths["comfy_text_encoder"])
+    loaded = checkpoints.load_comfy_split(paths["comfy_diffusion_model"], paths["comfy_text_encoder"],
+                                          paths["comfy_vae"], paths["tokenizer_dir"])
+    for part in ("transformer", "text_encoder", "text_conditioner", "vae"):
+        _assert_same_weights(getattr(original, part), getattr(loaded, part))
+    context = original.encode_prompts(PROMPTS)
+    assert torch.equal(context, loaded.encode_prompts(PROMPTS))
+    x = torch.randn(3, *original.latent_shape(32))
+    sigma = torch.tensor([0.3, 0.6, 0.9])
+    assert torch.equal(original.velocity(x, sigma, context), loaded.velocity(x, sigma, context))
+    images = torch.rand(1, 3, 32, 32)
+    assert torch.equal(original.codec.decode(original.codec.encode(images)), loaded.codec.decode(loaded.codec.encode(images)))
+
+
+def test_comfy_loader_errors_name_the_file(nano, tmp_path):
+    paths = checkpoints.save_comfy_split(tiny_anima(nano), tmp_path / "comfy")
+    with pytest.raises(checkpoints.CheckpointError, match="model.comfy_vae: no such local file"):
+        checkpoints.load_comfy_split(paths["comfy_diffusion_model"], paths["comfy_text_encoder"],
+                                     tmp_path / "missing.safetensors", paths["tokenizer_dir"])
+    from safetensors.torch import load_file, save_file
+    state = load_file(paths["comfy_diffusion_model"])
+    state.pop("net.blocks.1.mlp.layer2.weight")
+    broken = tmp_path / "broken.safetensors"
+    save_file(state, broken)
+    with pytest.raises(checkpoints.CheckpointError, match=r"missing \['transformer_blocks.1.ff.net.2.weight'\]"):
+        checkpoints.load_comfy_split(broken, paths["comfy_text_encoder"], paths["comfy_vae"], paths["tokenizer_dir"])
