@@ -42,15 +42,15 @@ ANIMA_2B_TRANSFORMER_PARAMS = 1_956_405_248  # diffusers 0.42.1 on the meta devi
 NANO_CODEC_FACTOR = 4
 NANO_TRANSFORMER = dict(
     in_channels=3 * NANO_CODEC_FACTOR ** 2, out_channels=3 * NANO_CODEC_FACTOR ** 2, num_attention_heads=4,
-    attention_head_dim=32, num_layers=4, mlp_ratio=4.0, text_embed_dim=64, adaln_lora_dim=32, max_size=(4, 32, 32),
+    attention_head_dim=32, num_layers=6, mlp_ratio=4.0, text_embed_dim=64, adaln_lora_dim=32, max_size=(4, 32, 32),
     patch_size=(1, 2, 2), rope_scale=(1.0, 1.0, 1.0), concat_padding_mask=True, extra_pos_embed_type=None)
 NANO_TEXT_ENCODER = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     head_dim=16, rope_theta=10_000.0, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
 NANO_CONDITIONER = dict(
     source_dim=64, target_dim=64, model_dim=64, num_layers=2, num_attention_heads=4, mlp_ratio=4.0,
-    use_self_attention=True, use_layer_norm=False, min_sequence_length=32)
-NANO_MAX_TOKENS = 32  # prompt length limit; the conditioner pads every context to this many tokens
+    use_self_attention=True, use_layer_norm=False, min_sequence_length=16)
+NANO_MAX_TOKENS = 16  # prompt length limit (the longest nano prompt has 14 words); contexts are padded to it
 
 
 class PixelShuffleCodec:
@@ -216,6 +216,8 @@ def count_parameters(module: torch.nn.Module) -> int:
 def load_components(params) -> AnimaComponents:
     """What a notebook calls: the components a preset names, on its device and dtype, in eval mode."""
     from .nano_world.prompts import vocabulary
+    if params.run.threads > 0:
+        torch.set_num_threads(params.run.threads)
     m = params.model
     if m.preset == "nano" and not m.nano_weights:
         components = build_nano(vocabulary(), seed=params.run.seed)

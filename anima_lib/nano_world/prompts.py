@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "color": ("red", "orange", "yellow", "green", "blue", "purple"),
-    "shape": ("round", "square", "triangle", "blob"),
+    "shape": ("round", "square", "triangle", "cross"),
     "eyes": ("one", "two", "three"),
     "size": ("small", "big"),
     "position": ("left", "centre", "right"),

@@ -1,0 +1,191 @@
+"""Flow-matching training as Anima was trained: RF velocity target, logit-normal times, caption dropout, AdamW, EMA,
+atomic resumable checkpoints. Used for the nano teacher (and any plain fine-tune of the velocity network).
+
+    x_s = (1-s) x0 + s eps,   target v = eps - x0,   loss = mean ||net(x_s, s, c) - v||^2
+    s = sigmoid(N(mean, std))  (logit-normal, optionally shifted like the sampler)
+    with probability caption_dropout the context is the empty prompt's (so CFG works at sampling)
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import flow
+from .io import atomic_write_json
+
+
+@dataclass
+class FlowMatchingConfig:
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    time_shift: float = 1.0           # 1 = plain logit-normal; >1 moves training time toward high noise
+    checkpoint_every: int = 200
+    time_budget_s: Optional[float] = None  # stop (after a checkpoint) when exceeded
+    seed: int = 0
+
+
+def sample_times(n: int, cfg: FlowMatchingConfig, generator: torch.Generator) -> torch.Tensor:
+    s = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=generator))
+    return flow.shift_sigmas(s, cfg.time_shift) if cfg.time_shift != 1.0 else s
+
+
+def flow_matching_loss(velocity_fn: Callable, x0: torch.Tensor, context: torch.Tensor, sigma: torch.Tensor,
+                       noise: torch.Tensor) -> torch.Tensor:
+    x_s = flow.rf_noisy(x0, noise, sigma)
+    prediction = velocity_fn(x_s, sigma, context)
+    return ((prediction.float() - flow.rf_velocity(x0, noise).float()) ** 2).mean()
+
+
+class EMA:
+    """Exponential moving average of trainable parameters (kept in fp32)."""
+
+    def __init__(self, params: dict[str, torch.Tensor], decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.Tensor], step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))  # warm-up: early averages don't drag in the init
+        for k, v in params.items():
+            self.shadow[k].lerp_(v.detach().float(), 1 - decay)
+
+
+def _lr_at(step: int, cfg: FlowMatchingConfig) -> float:
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+
+
+def _optimizer_state_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for index, name in enumerate(names):
+        for key, value in optimizer.state_dict()["state"].get(index, {}).items():
+            out[f"{name}::{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict) -> None:
+    state = optimizer.state_dict()
+    state["state"] = {}
+    for index, name in enumerate(names):
+        entries = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
+        if entries:
+            state["state"][index] = entries
+    optimizer.load_state_dict(state)
+
+
+def train_flow_matching(modules: dict[str, torch.nn.Module], velocity_fn: Callable,
+                        batches: Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]],
+                        empty_context: torch.Tensor, cfg: FlowMatchingConfig, checkpoint_dir: Path,
+                        log: Optional[Callable[[dict], None]] = None, progress: bool = True) -> dict:
+    """Train the parameters of `modules` that require grad; resumes from checkpoint_dir/last when present.
+
+    batches(step, generator) -> (x0 latents [B,...], context [B,L,D]); velocity_fn(x, sigma, context) -> v.
+    Returns {"step", "wall_s", "losses"}; EMA weights are in checkpoint_dir/last/ema.safetensors.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    named = {f"{m}.{n}": p for m, module in modules.items() for n, p in module.named_parameters() if p.requires_grad}
+    names = list(named)
+    optimizer = torch.optim.AdamW(list(named.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = EMA(named, cfg.ema_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step, wall_s, losses = 0, 0.0, []
+    last = checkpoint_dir / "last"
+    if (last / "state.json").is_file():  # resume exactly: weights, EMA, optimizer, RNG, step
+        meta = json.loads((last / "state.json").read_text())
+        weights = load_file(last / "weights.safetensors")
+        with torch.no_grad():
+            for k, p in named.items():
+                p.copy_(weights[k])
+        ema.shadow = {k: v.float() for k, v in load_file(last / "ema.safetensors").items()}
+        _load_optimizer_state(optimizer, names, load_file(last / "optimizer.safetensors"))
+        generator.set_state(load_file(last / "rng.safetensors")["generator"])
+        step, wall_s, losses = meta["step"], meta["wall_s"], meta["losses"]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, initial=step, desc="flow matching", mininterval=5)
+    started = time.perf_counter() - wall_s
+
+    def save():
+        staging = checkpoint_dir / ".last.tmp"
+        staging.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in named.items()}, staging / "weights.safetensors")
+        save_file(ema.shadow, staging / "ema.safetensors")
+        save_file(_optimizer_state_tensors(optimizer, names), staging / "optimizer.safetensors")
+        save_file({"generator": generator.get_state()}, staging / "rng.safetensors")
+        atomic_write_json(staging / "state.json", {"step": step, "wall_s": time.perf_counter() - started,
+                                                   "losses": losses, "config": asdict(cfg)})
+        old = checkpoint_dir / ".last.old"
+        if last.exists():
+            last.rename(old)
+        staging.rename(last)  # the checkpoint appears complete or not at all
+        if old.exists():
+            import shutil
+            shutil.rmtree(old)
+
+    for module in modules.values():
+        module.train()
+    while step < cfg.steps:
+        if cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        x0, context = batches(step, generator)
+        drop = torch.rand(len(x0), generator=generator) < cfg.caption_dropout
+        context = torch.where(drop[:, None, None], empty_context.expand_as(context), context)
+        sigma = sample_times(len(x0), cfg, generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        loss = flow_matching_loss(velocity_fn, x0, context, sigma, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.update(named, step)
+        step += 1
+        losses.append(round(float(loss), 6))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)
+        if log is not None and step % 50 == 0:
+            log({"step": step, "loss": sum(losses[-50:]) / 50, "wall_s": time.perf_counter() - started})
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save()
+    if step % cfg.checkpoint_every != 0 and step != cfg.steps:
+        save()
+    if bar is not None:
+        bar.close()
+    for module in modules.values():
+        module.eval()
+    return {"step": step, "wall_s": time.perf_counter() - started, "losses": losses}
+
+
+def load_ema_into(modules: dict[str, torch.nn.Module], checkpoint_dir: Path) -> None:
+    """Copy the EMA weights of a training run into the modules (what gets shipped and sampled)."""
+    shadow = load_file(Path(checkpoint_dir) / "last" / "ema.safetensors")
+    with torch.no_grad():
+        for m, module in modules.items():
+            for n, p in module.named_parameters():
+                if f"{m}.{n}" in shadow:
+                    p.copy_(shadow[f"{m}.{n}"].to(p.dtype))
+
+
+def smoothed(losses: list[float], window: int = 50) -> list[float]:
+    out, total = [], 0.0
+    for i, value in enumerate(losses):
+        total += value
+        if i >= window:
+            total -= losses[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+

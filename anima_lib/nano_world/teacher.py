@@ -1,0 +1,159 @@
+"""The nano teacher: the nano Anima components trained by flow matching on renderer images, shipped in the repo.
+
+Run in the background (resumable; a crash loses at most `checkpoint_every` steps):
+    python -m anima_lib.nano_world.teacher --out outputs/nano_teacher_train --minutes 60 [--ship]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .. import models
+from ..checkpoints import load_diffusers_folder, save_diffusers_folder
+from ..flow_matching import FlowMatchingConfig, load_ema_into, train_flow_matching
+from ..io import atomic_write_json, sha256_file
+from .prompts import ATTRIBUTES, Creature, vocabulary
+from .renderer import render_batch
+
+SHIPPED_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "nano_teacher"
+MANIFEST = "manifest.json"
+REGENERATE = "anima run params/nano.yaml --only 00_nano_teacher --set teacher.train=true"
+
+
+class WeightsError(RuntimeError):
+    """A shipped weight file is missing or does not match its recorded hash."""
+
+
+def all_creatures() -> list[Creature]:
+    names = list(ATTRIBUTES)
+    return [Creature(**dict(zip(names, values))) for values in itertools.product(*ATTRIBUTES.values())]
+
+
+def render_pool(jitter_seeds: int, size: int = 32, style: bool = False) -> tuple[torch.Tensor, list[int], list[str]]:
+    """Every attribute combination x `jitter_seeds` renders: uint8 images [N,3,H,W], prompt index per image, prompts."""
+    creatures = all_creatures()
+    images, prompt_index = [], []
+    for seed in range(jitter_seeds):
+        batch = render_batch(creatures, [seed] * len(creatures), size, style)
+        images.append((batch * 255).round().to(torch.uint8))
+        prompt_index.extend(range(len(creatures)))
+    return torch.cat(images), prompt_index, [c.prompt() for c in creatures]
+
+
+class PromptEncoder:
+    """Frozen Qwen3 states precomputed once; the trainable conditioner runs per batch (with grad)."""
+
+    def __init__(self, components: models.AnimaComponents, prompts: list[str]):
+        tok = components.tokenizer(prompts, padding="longest", return_tensors="pt")
+        t5 = components.t5_tokenizer(prompts, padding="longest", return_tensors="pt")
+        with torch.no_grad():
+            hidden = components.text_encoder(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
+        self.hidden = hidden * tok.attention_mask[..., None]
+        self.mask, self.t5_ids, self.t5_mask = tok.attention_mask, t5.input_ids, t5.attention_mask
+        self.conditioner = components.text_conditioner
+
+    def __call__(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        return self.conditioner(source_hidden_states=self.hidden[prompt_ids], target_input_ids=self.t5_ids[prompt_ids],
+                                target_attention_mask=self.t5_mask[prompt_ids], source_attention_mask=self.mask[prompt_ids])
+
+
+def train_nano_teacher(out_dir: Path, cfg: FlowMatchingConfig, jitter_seeds: int = 16, image_size: int = 32,
+                       progress: bool = True) -> tuple[models.AnimaComponents, dict]:
+    out_dir = Path(out_dir)
+    components = models.build_nano(vocabulary(), seed=cfg.seed)
+    torch.nn.init.zeros_(components.transformer.proj_out.weight)  # start as the zero velocity: stable early steps
+    components.text_encoder.requires_grad_(False)  # frozen, random init, shipped for reproducibility
+    components.transformer.requires_grad_(True)
+    components.text_conditioner.requires_grad_(True)
+    t0 = time.perf_counter()
+    pool, prompt_index, prompts = render_pool(jitter_seeds, image_size)
+    render_s = time.perf_counter() - t0
+    prompt_index = torch.tensor(prompt_index)
+    encode = PromptEncoder(components, prompts)
+    empty_context = components.encode_prompts([""])
+
+    def batches(step, generator):
+        pick = torch.randint(len(pool), (cfg.batch_size,), generator=generator)
+        x0 = components.codec.encode(pool[pick].float() / 255)
+        return x0, encode(prompt_index[pick])
+
+    modules = {"transformer": components.transformer, "text_conditioner": components.text_conditioner}
+    log_path = out_dir / "log.jsonl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(record):
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    result = train_flow_matching(modules, components.velocity, batches, empty_context, cfg, out_dir / "checkpoints",
+                                 log=log, progress=progress)
+    load_ema_into(modules, out_dir / "checkpoints")
+    components.eval()
+    result.update(render_s=render_s, pool_images=len(pool), jitter_seeds=jitter_seeds)
+    return components, result
+
+
+def save_teacher(components: models.AnimaComponents, folder: Path, manifest: dict) -> Path:
+    folder = save_diffusers_folder(components, folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {**manifest, "files": {str(p.relative_to(folder)): sha256_file(p) for p in files}}
+    atomic_write_json(folder / MANIFEST, manifest)
+    return folder
+
+
+def verify_teacher(folder: Path = SHIPPED_TEACHER) -> dict:
+    """Check every weight file against the manifest's sha256; a clear error says how to regenerate."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        raise WeightsError(f"{folder}: no {MANIFEST}; regenerate the nano teacher with `{REGENERATE}`")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    for name, digest in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise WeightsError(f"{path}: missing; regenerate the nano teacher with `{REGENERATE}`")
+        if sha256_file(path) != digest:
+            raise WeightsError(f"{path}: sha256 does not match {MANIFEST} (corrupt or edited); "
+                               f"regenerate the nano teacher with `{REGENERATE}` or restore it from git")
+    return manifest
+
+
+def load_teacher(folder: Path = SHIPPED_TEACHER) -> models.AnimaComponents:
+    verify_teacher(folder)
+    return load_diffusers_folder(folder)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("outputs/nano_teacher_train"))
+    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--jitter-seeds", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--ship", action="store_true", help=f"write the EMA teacher to {SHIPPED_TEACHER}")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = FlowMatchingConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             time_budget_s=args.minutes * 60, checkpoint_every=200)
+    components, result = train_nano_teacher(args.out, cfg, jitter_seeds=args.jitter_seeds)
+    manifest = {"what": "nano teacher (EMA weights)", "config": asdict(cfg), "steps": result["step"],
+                "wall_s": round(result["wall_s"], 1), "final_loss_50": sum(result["losses"][-50:]) / max(1, len(result["losses"][-50:])),
+                "pool_images": result["pool_images"], "jitter_seeds": result["jitter_seeds"],
+                "machine": f"{platform.machine()} x{torch.get_num_threads()} threads, torch {torch.__version__}"}
+    target = SHIPPED_TEACHER if args.ship else args.out / "teacher"
+    save_teacher(components, target, manifest)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=2))
+    print(f"saved {target}")
+
+
+if __name__ == "__main__":
+    main()
