@@ -86,8 +86,9 @@ class RunParams:
 class ModelParams:
     preset: str = _spec("nano", help="model family", allowed=MODEL_PRESETS)
     dtype: str = _spec("float32", help="weights and activations dtype for sampling", allowed=DTYPES)
-    nano_weights: Optional[str] = _spec(
-        None, help="nano preset: folder of trained nano weights (null = random init from run.seed)")
+    nano_weights: str = _spec(
+        "shipped", help="nano preset: 'shipped' (the trained teacher in the repo, or the one 00_nano_teacher trained "
+                        "when teacher.train is true), 'random' (random init from run.seed) or a weights folder")
     diffusers_dir: Optional[str] = _spec(
         None, help="anima-2b: local diffusers folder (Anima-Base-v1.0-Diffusers layout)")
     comfy_diffusion_model: Optional[str] = _spec(
@@ -125,11 +126,24 @@ class GateParams:
 
 
 @dataclass
+class TeacherParams:
+    train: bool = _spec(False, help="00_nano_teacher: retrain the nano teacher instead of loading the shipped one")
+    minutes: float = _spec(60.0, help="training time budget (stops after a checkpoint when exceeded)", check=_positive)
+    steps: int = _spec(100_000, help="maximum optimizer steps", check=_positive)
+    batch_size: int = _spec(64, help="images per step", check=_positive)
+    lr: float = _spec(4e-4, help="AdamW learning rate (after warm-up)", check=_positive)
+    caption_dropout: float = _spec(0.1, help="fraction of empty-prompt examples (so CFG works)",
+                                   check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+    jitter_seeds: int = _spec(16, help="renders per attribute combination in the training pool", check=_positive)
+
+
+@dataclass
 class Params:
     run: RunParams = field(default_factory=RunParams)
     model: ModelParams = field(default_factory=ModelParams)
     sampler: SamplerParams = field(default_factory=SamplerParams)
     gate: GateParams = field(default_factory=GateParams)
+    teacher: TeacherParams = field(default_factory=TeacherParams)
     source: str = "<defaults>"  # the file the values came from, for messages
 
     def to_dict(self) -> dict:
@@ -149,7 +163,8 @@ def _resolve(p: str) -> Path:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Params) if f.name != "source"}
-_SECTION_CLASSES = {"run": RunParams, "model": ModelParams, "sampler": SamplerParams, "gate": GateParams}
+_SECTION_CLASSES = {"run": RunParams, "model": ModelParams, "sampler": SamplerParams, "gate": GateParams,
+                    "teacher": TeacherParams}
 
 
 def _type_ok(value, annotation) -> bool:
@@ -286,8 +301,9 @@ def _display(path: Path) -> str:
 def _check_model_paths(p: Params) -> None:
     m, src = p.model, p.source
     if m.preset == "nano":
-        if m.nano_weights is not None and not _resolve(m.nano_weights).is_dir():
-            raise ConfigError(f"{src}: model.nano_weights = {m.nano_weights!r}: no such folder")
+        if m.nano_weights not in ("shipped", "random") and not _resolve(m.nano_weights).is_dir():
+            raise ConfigError(f"{src}: model.nano_weights = {m.nano_weights!r}: no such folder "
+                              f"(allowed: 'shipped', 'random' or a weights folder)")
         return
     comfy = {"model.comfy_diffusion_model": m.comfy_diffusion_model, "model.comfy_text_encoder": m.comfy_text_encoder,
              "model.comfy_vae": m.comfy_vae, "model.tokenizer_dir": m.tokenizer_dir}

@@ -153,7 +153,7 @@ def train_flow_matching(modules: dict[str, torch.nn.Module], velocity_fn: Callab
         optimizer.step()
         ema.update(named, step)
         step += 1
-        losses.append(round(float(loss), 6))
+        losses.append(round(loss.item(), 6))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)

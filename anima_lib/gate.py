@@ -1,10 +1,12 @@
 """The quality gate's harness: fixed prompts and seeds, every model and step count sampled from the same noise,
-metrics per row ("teacher@20", "teacher@1", ...).
+metrics per row ("teacher@20", "teacher@1", ...; "renderer" is the nano world's ground truth).
 
-Metrics available now (pixel space, no learned features; names say exactly that):
-  rmse_to_reference   RMSE in [0,1] pixels between a row's image and the reference row's image for the same
-                      prompt and seed (the reference is the teacher at sampler.teacher_steps)
-  pixel_diversity     mean pairwise pixel RMSE between the seeds of one prompt, averaged over prompts
+Per row (see anima_lib.metrics for the probe metrics):
+  fd_probe              Fréchet distance in probe features to renderer images of the same prompts (absolute)
+  fd_probe_vs_teacher   the same, to teacher@<sampler.teacher_steps> samples drawn with *other* seeds; on the
+                        teacher row itself this is the noise floor a student is judged against
+  alignment (+ per attribute, CI), diversity (CI), style_score, clean_rate, n_images
+  rmse_to_reference     RMSE in [0,1] pixels to the reference row's image with the same prompt and seed
 """
 from __future__ import annotations
 
@@ -12,10 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from . import flow, sampler
+from . import flow, metrics, sampler
 from .nano_world.prompts import sample_creatures
+from .nano_world.renderer import render_batch
 
-GATE_PROMPT_SEED_OFFSET = 1_000  # gate prompts never coincide with training prompts drawn from run.seed
+GATE_PROMPT_SEED_OFFSET = 1_000   # gate prompts never coincide with prompts drawn from run.seed elsewhere
+RENDER_SEED_OFFSET = 500_000      # jitter seeds of the renderer reference, outside the teacher's training pool
+MAIN, NOISE_FLOOR = 0, 1          # noise streams: the gate's seeds, and the other seeds of the noise floor
 
 
 @dataclass
@@ -34,24 +39,32 @@ def gate_set(params) -> GateSet:
                    image_seed=[j for _ in creatures for j in range(k)])
 
 
-def gate_noise(params, latent_shape: tuple, gate: GateSet, draw: int = 0) -> torch.Tensor:
-    """[n_images, *latent_shape] noise; image (prompt i, seed j) gets the same noise in every row and every run.
+def gate_noise(params, latent_shape: tuple, gate: GateSet, stream: int = MAIN) -> torch.Tensor:
+    """[n_images, *latent_shape]; image (prompt i, seed j) gets the same noise in every row and every run.
 
-    `draw` numbers extra noises for multi-step students (draw 0 starts every chain; 1.. are re-noising draws).
+    `stream` separates independent noise sets: MAIN, NOISE_FLOOR, and 2+k for a student's k-th re-noising draw.
     """
     noises = []
     for i, j in zip(gate.image_prompt, gate.image_seed):
-        generator = torch.Generator().manual_seed(((params.run.seed * 100_003 + i) * 1_009 + j) * 17 + draw)
+        generator = torch.Generator().manual_seed(((params.run.seed * 100_003 + i) * 1_009 + j) * 17 + stream)
         noises.append(torch.randn(latent_shape, generator=generator))
     return torch.stack(noises)
 
 
+def render_reference(params, gate: GateSet, stream: int = MAIN) -> torch.Tensor:
+    """Renderer images of the gate prompts (one jitter seed per gate seed): the absolute reference."""
+    from .nano_world.prompts import Creature
+    creatures = [Creature(**gate.attributes[p]) for p in gate.image_prompt]
+    seeds = [RENDER_SEED_OFFSET + stream * 100_000 + p * 100 + s for p, s in zip(gate.image_prompt, gate.image_seed)]
+    return render_batch(creatures, seeds, params.gate.image_size)
+
+
 @torch.no_grad()
-def sample_teacher(components, params, gate: GateSet, steps: int, batch_size: int = 64) -> torch.Tensor:
+def sample_teacher(components, params, gate: GateSet, steps: int, stream: int = MAIN,
+                   batch_size: int = 128) -> torch.Tensor:
     """Images [n_images, 3, H, W] in [0,1] from the teacher's Euler sampler with CFG."""
     device, dtype = components.transformer.device, components.transformer.dtype
-    latent_shape = components.latent_shape(params.gate.image_size)
-    noise = gate_noise(params, latent_shape, gate)
+    noise = gate_noise(params, components.latent_shape(params.gate.image_size), gate, stream)
     context = components.encode_prompts(gate.prompts)[gate.image_prompt]
     negative = components.encode_prompts([params.sampler.negative_prompt])
     sigmas = flow.teacher_sigmas(steps, params.sampler.shift)
@@ -68,22 +81,19 @@ def rmse_to_reference(images: torch.Tensor, reference: torch.Tensor) -> float:
     return float(((images - reference) ** 2).flatten(1).mean(1).sqrt().mean())
 
 
-def pixel_diversity(images: torch.Tensor, gate: GateSet) -> float:
-    """Mean pairwise RMSE between seeds of the same prompt (0 means every seed gives the same image)."""
-    prompt_ids = torch.tensor(gate.image_prompt)
-    per_prompt = []
-    for i in range(len(gate.prompts)):
-        group = images[prompt_ids == i].flatten(1)
-        if len(group) < 2:
-            continue
-        d = torch.cdist(group, group) / group.shape[1] ** 0.5
-        per_prompt.append(d.sum() / (len(group) * (len(group) - 1)))
-    return float(torch.stack(per_prompt).mean()) if per_prompt else float("nan")
+def score_rows(samples: dict[str, torch.Tensor], reference_row: str, noise_floor_images: torch.Tensor,
+               renders: torch.Tensor, other_renders: torch.Tensor, gate: GateSet, probe) -> dict[str, dict]:
+    """Every row's metrics; `samples` maps row names to image sets aligned with gate.image_prompt/image_seed.
 
-
-def score_rows(samples: dict[str, torch.Tensor], reference_row: str, gate: GateSet) -> dict[str, dict[str, float]]:
-    reference = samples[reference_row]
-    return {row: {"rmse_to_reference": rmse_to_reference(images, reference),
-                  "pixel_diversity": pixel_diversity(images, gate),
-                  "n_images": int(images.shape[0])}
-            for row, images in samples.items()}
+    The "renderer" row scores `other_renders` (other jitter seeds): its fd_probe is the renderer's own floor.
+    """
+    reader = metrics.ProbeReader(probe)
+    rows = {}
+    for row, images in {"renderer": other_renders, **samples}.items():
+        scores = metrics.score_images(reader.read(images), gate.attributes, gate.image_prompt)
+        scores["fd_probe"] = metrics.fd_probe(renders, images, probe)
+        scores["fd_probe_vs_teacher"] = metrics.fd_probe(noise_floor_images, images, probe)
+        if row != "renderer":
+            scores["rmse_to_reference"] = rmse_to_reference(images, samples[reference_row])
+        rows[row] = scores
+    return rows

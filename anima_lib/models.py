@@ -153,6 +153,8 @@ def transformer_velocity(transformer: CosmosTransformer3DModel, x: torch.Tensor,
 def encode_prompts(components: AnimaComponents, prompts: list[str]) -> torch.Tensor:
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompts must be a list of strings")
+    if components.preset == "nano":
+        check_nano_prompts(components, prompts)
     device = components.text_encoder.device
     qwen = components.tokenizer(prompts, padding="longest", max_length=components.max_tokens, truncation=True,
                                 return_tensors="pt").to(device)
@@ -169,6 +171,19 @@ def encode_prompts(components: AnimaComponents, prompts: list[str]) -> torch.Ten
     return components.text_conditioner(source_hidden_states=hidden.to(components.text_conditioner.dtype),
                                        target_input_ids=t5_ids, target_attention_mask=t5_mask,
                                        source_attention_mask=qwen_mask)
+
+
+def check_nano_prompts(components: AnimaComponents, prompts: list[str]) -> None:
+    """The nano vocabulary is closed: unknown words or over-long prompts are errors, never silent <unk>/truncation."""
+    vocab = components.tokenizer.get_vocab()
+    for prompt in prompts:
+        words = prompt.split()
+        unknown = sorted({w for w in words if w not in vocab})
+        if unknown:
+            allowed = sorted(w for w in vocab if not w.startswith("["))
+            raise ValueError(f"prompt {prompt!r}: words outside the nano vocabulary {unknown}; allowed words: {allowed}")
+        if len(words) > components.max_tokens:
+            raise ValueError(f"prompt {prompt!r}: {len(words)} words, the nano context holds {components.max_tokens}")
 
 
 # --- builders ------------------------------------------------------------------------------------------------------
@@ -219,15 +234,32 @@ def load_components(params) -> AnimaComponents:
     if params.run.threads > 0:
         torch.set_num_threads(params.run.threads)
     m = params.model
-    if m.preset == "nano" and not m.nano_weights:
-        components = build_nano(vocabulary(), seed=params.run.seed)
-    elif m.preset == "nano" or m.diffusers_dir:
+    if m.preset == "nano":
+        components = (build_nano(vocabulary(), seed=params.run.seed) if m.nano_weights == "random"
+                      else _load_nano_weights(params))
+    elif m.diffusers_dir:
         from .checkpoints import load_diffusers_folder
-        components = load_diffusers_folder(m.nano_weights or m.diffusers_dir)
+        components = load_diffusers_folder(m.diffusers_dir)
     else:
         from .checkpoints import load_comfy_split
-        components = load_comfy_split(m.comfy_diffusion_model, m.comfy_text_encoder, m.comfy_vae,
-                                                  m.tokenizer_dir)
+        components = load_comfy_split(m.comfy_diffusion_model, m.comfy_text_encoder, m.comfy_vae, m.tokenizer_dir)
     components.to(device=params.run.device, dtype=DTYPES[m.dtype])
-    # the text encoder stays in its own precision choice later (cache issue); sampling dtype applies to all for now
     return components.eval()
+
+
+def nano_teacher_folder(params):
+    """Where the nano teacher of this run lives: the repo's shipped one, or this run's retrained one."""
+    from .nano_world.teacher import SHIPPED_TEACHER
+    if params.model.nano_weights not in ("shipped", "random"):
+        return params.model.nano_weights
+    return params.output_path() / "nano_teacher" if params.teacher.train else SHIPPED_TEACHER
+
+
+def _load_nano_weights(params) -> AnimaComponents:
+    from pathlib import Path
+    from .nano_world.teacher import load_teacher
+    folder = Path(nano_teacher_folder(params))
+    if params.model.nano_weights == "shipped" and params.teacher.train and not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no retrained nano teacher; run notebook 00_nano_teacher first "
+                                f"(teacher.train is true)")
+    return load_teacher(folder)

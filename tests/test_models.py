@@ -53,9 +53,11 @@ def test_empty_negative_prompt_is_a_zero_context(nano):
     assert negative.shape[0] == 1 and negative.abs().sum() == 0
 
 
-def test_unknown_words_map_to_unk(nano):
-    ids = nano.tokenizer(["a zebra creature"]).input_ids[0]
-    assert nano.tokenizer.unk_token_id in ids
+def test_unknown_words_are_an_error_listing_the_vocabulary(nano):
+    with pytest.raises(ValueError, match=r"words outside the nano vocabulary \['zebra'\]; allowed words: \[.*'blue'"):
+        nano.encode_prompts(["a zebra creature"])
+    with pytest.raises(ValueError, match="the nano context holds"):
+        nano.encode_prompts([" ".join(["a"] * 40)])
 
 
 def test_pixel_shuffle_codec_is_exact():

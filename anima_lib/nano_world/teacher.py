@@ -17,7 +17,7 @@ import torch
 
 from .. import models
 from ..checkpoints import load_diffusers_folder, save_diffusers_folder
-from ..flow_matching import FlowMatchingConfig, load_ema_into, train_flow_matching
+from ..flow_matching import FlowMatchingConfig, load_ema_into, smoothed, train_flow_matching
 from ..io import atomic_write_json, sha256_file
 from .prompts import ATTRIBUTES, Creature, vocabulary
 from .renderer import render_batch
@@ -100,6 +100,18 @@ def train_nano_teacher(out_dir: Path, cfg: FlowMatchingConfig, jitter_seeds: int
     return components, result
 
 
+def training_manifest(cfg: FlowMatchingConfig, result: dict) -> dict:
+    """What the shipped teacher records about its training: parameters, steps, wall time, loss curve, machine."""
+    losses = result["losses"]
+    curve = smoothed(losses)
+    every = max(1, len(curve) // 400)
+    return {"what": "nano teacher (EMA weights)", "config": asdict(cfg), "steps": result["step"],
+            "wall_s": round(result["wall_s"], 1), "final_loss_50": curve[-1] if curve else None,
+            "pool_images": result.get("pool_images"), "jitter_seeds": result.get("jitter_seeds"),
+            "machine": f"{platform.machine()} x{torch.get_num_threads()} threads, torch {torch.__version__}",
+            "loss_curve": {"step": list(range(1, len(curve) + 1, every)), "loss": [round(v, 5) for v in curve[::every]]}}
+
+
 def save_teacher(components: models.AnimaComponents, folder: Path, manifest: dict) -> Path:
     folder = save_diffusers_folder(components, folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -145,10 +157,7 @@ def main(argv=None):
     cfg = FlowMatchingConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              time_budget_s=args.minutes * 60, checkpoint_every=200)
     components, result = train_nano_teacher(args.out, cfg, jitter_seeds=args.jitter_seeds)
-    manifest = {"what": "nano teacher (EMA weights)", "config": asdict(cfg), "steps": result["step"],
-                "wall_s": round(result["wall_s"], 1), "final_loss_50": sum(result["losses"][-50:]) / max(1, len(result["losses"][-50:])),
-                "pool_images": result["pool_images"], "jitter_seeds": result["jitter_seeds"],
-                "machine": f"{platform.machine()} x{torch.get_num_threads()} threads, torch {torch.__version__}"}
+    manifest = training_manifest(cfg, result)
     target = SHIPPED_TEACHER if args.ship else args.out / "teacher"
     save_teacher(components, target, manifest)
     print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=2))
