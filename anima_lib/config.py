@@ -138,12 +138,24 @@ class TeacherParams:
 
 
 @dataclass
+class CacheParams:
+    n_prompts: int = _spec(512, help="nano: prompts drawn from the nano world (ignored when prompts_file is set)",
+                           check=_positive)
+    prompts_file: Optional[str] = _spec(None, help="JSONL with id, prompt and optional negative per line")
+    shard_size: int = _spec(64, help="prompts per shard file", check=_positive)
+    dtype: str = _spec("bfloat16", help="dtype of the stored trajectories", allowed=DTYPES)
+    precision: str = _spec("q8_0", help="text-embedding precision the distillation reader yields",
+                           allowed=("f16", "bf16", "q8_0"))
+
+
+@dataclass
 class Params:
     run: RunParams = field(default_factory=RunParams)
     model: ModelParams = field(default_factory=ModelParams)
     sampler: SamplerParams = field(default_factory=SamplerParams)
     gate: GateParams = field(default_factory=GateParams)
     teacher: TeacherParams = field(default_factory=TeacherParams)
+    cache: CacheParams = field(default_factory=CacheParams)
     source: str = "<defaults>"  # the file the values came from, for messages
 
     def to_dict(self) -> dict:
@@ -164,7 +176,7 @@ def _resolve(p: str) -> Path:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Params) if f.name != "source"}
 _SECTION_CLASSES = {"run": RunParams, "model": ModelParams, "sampler": SamplerParams, "gate": GateParams,
-                    "teacher": TeacherParams}
+                    "teacher": TeacherParams, "cache": CacheParams}
 
 
 def _type_ok(value, annotation) -> bool:
@@ -278,6 +290,8 @@ def load_config(preset: str | os.PathLike = "nano", overrides: list[str] | dict 
         if not source.endswith(source_note):
             source += source_note
     params = Params(**{name: _build_section(name, raw.get(name, {}), source) for name in SECTIONS}, source=source)
+    if params.cache.prompts_file is not None and not _resolve(params.cache.prompts_file).is_file():
+        raise ConfigError(f"{source}: cache.prompts_file = {params.cache.prompts_file!r}: no such file")
     if params.sampler.teacher_steps not in params.gate.teacher_steps:
         raise ConfigError(f"{source}: gate.teacher_steps = {params.gate.teacher_steps} must include "
                           f"sampler.teacher_steps = {params.sampler.teacher_steps} (the gate's reference row)")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 
@@ -28,8 +29,7 @@ def text_path_at(components: models.AnimaComponents, precision: str) -> models.A
     elif precision != "f32":
         dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[precision]
         text_encoder, conditioner = text_encoder.to(dtype), conditioner.to(dtype)
-    return models.AnimaComponents(**{**components.__dict__, "text_encoder": text_encoder,
-                                     "text_conditioner": conditioner})
+    return dataclasses.replace(components, text_encoder=text_encoder, text_conditioner=conditioner)
 
 
 @torch.no_grad()

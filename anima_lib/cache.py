@@ -1,0 +1,330 @@
+"""The distillation cache: prompts, their text embeddings at three precisions, and the teacher's trajectories.
+
+Layout of a cache folder:
+    manifest.json          config hash, code version, prompt ids, per-shard {file, sha256, bytes, count, ids}
+    shard_00000.safetensors ...   K prompts each:
+        context.f16 [K,L,D] float16, context.bf16 [K,L,D] bfloat16, context.q8_0 [K,L,D] float32
+        negative.f16 / negative.bf16 / negative.q8_0 [1,L,D]   (the negative prompt's embedding)
+        noise [K,C,1,H,W] float32          (seeded by prompt id)
+        states [K,N+1,C,1,H,W] <dtype>      x at every teacher sigma (states[:,0] = noise, states[:,-1] = x0)
+        velocities [K,N,C,1,H,W] <dtype>    the CFG-guided velocity of every Euler step
+        x0 [K,C,1,H,W] <dtype>
+        sigmas [N+1] float64
+Writes are atomic (temp file + rename; the manifest is rewritten after each shard), so a shard exists complete or
+not at all; a run resumes by skipping shards whose file matches the manifest's sha256. Everything is
+deterministic in (config, prompt ids), so a resumed cache is byte-identical to an uninterrupted one.
+Multi-process (torchrun): rank r writes shards r, r+W, ...; rank 0 merges the manifests.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from safetensors.torch import load_file, save
+
+from . import flow, sampler, text
+from .io import atomic_write_bytes, atomic_write_json, sha256_file
+
+CACHE_PRECISIONS = ("f16", "bf16", "q8_0")
+_STORE_DTYPE = {"f16": torch.float16, "bf16": torch.bfloat16, "q8_0": torch.float32}
+MANIFEST = "manifest.json"
+
+
+class CacheError(RuntimeError):
+    """The cache cannot be built or read as asked; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    id: str
+    prompt: str
+    negative: Optional[str] = None
+
+
+# --- prompts in ------------------------------------------------------------------------------------------------------
+
+def read_prompts_jsonl(path: Path, max_words: Optional[int] = None) -> tuple[list[PromptRecord], list[str]]:
+    """Records and a list of skipped lines with reasons. Duplicate ids are an error (which one is meant?)."""
+    records, skipped, seen = [], [], {}
+    for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CacheError(f"{path}:{line_no}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or "id" not in row or "prompt" not in row:
+            raise CacheError(f"{path}:{line_no}: each line needs 'id' and 'prompt' (optional 'negative')")
+        pid, prompt = str(row["id"]), row["prompt"]
+        if pid in seen:
+            raise CacheError(f"{path}:{line_no}: duplicate id {pid!r} (first on line {seen[pid]})")
+        seen[pid] = line_no
+        if not isinstance(prompt, str) or not prompt.strip():
+            skipped.append(f"line {line_no} id {pid!r}: empty prompt")
+            continue
+        if max_words is not None and len(prompt.split()) > max_words:
+            skipped.append(f"line {line_no} id {pid!r}: {len(prompt.split())} words > {max_words}")
+            continue
+        records.append(PromptRecord(pid, prompt, row.get("negative")))
+    return records, skipped
+
+
+def nano_prompts(n: int, seed: int) -> list[PromptRecord]:
+    from .nano_world.prompts import sample_creatures
+    return [PromptRecord(f"nano-{seed}-{i:06d}", c.prompt()) for i, c in enumerate(sample_creatures(n, seed))]
+
+
+def prompt_seed(prompt_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(prompt_id.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+# --- sizes -----------------------------------------------------------------------------------------------------------
+
+def bytes_per_prompt(latent_shape: tuple, steps: int, context_shape: tuple, dtype_bytes: int = 2) -> dict[str, int]:
+    """The arithmetic of one prompt's cache entry, by tensor group."""
+    latent = int(torch.tensor(latent_shape).prod())
+    tokens = int(torch.tensor(context_shape).prod())
+    return {"states": (steps + 1) * latent * dtype_bytes, "velocities": steps * latent * dtype_bytes,
+            "x0": latent * dtype_bytes, "noise": latent * 4,
+            "contexts": tokens * (2 + 2 + 4)}  # f16 + bf16 + q8_0 (stored as float32)
+
+
+def projection_text(per_prompt: dict[str, int], counts=(100_000, 250_000)) -> str:
+    total = sum(per_prompt.values())
+    lines = [f"  {k}: {v:,} B" for k, v in per_prompt.items()] + [f"  total: {total:,} B per prompt"]
+    for n in counts:
+        lines.append(f"  x {n:,} prompts = {total * n / 1e12:.2f} TB ({total * n / 2 ** 40:.2f} TiB)")
+    return "\n".join(lines)
+
+
+# --- writing ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CacheConfig:
+    steps: int
+    shift: float
+    guidance_scale: float
+    negative_prompt: str
+    image_size: int
+    shard_size: int
+    dtype: str                      # trajectory dtype: "bfloat16" | "float16" | "float32"
+    teacher: str                    # what produced the trajectories (a path or "random:<seed>")
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _code_version() -> str:
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def shard_ids(records: list[PromptRecord], shard_size: int) -> list[list[PromptRecord]]:
+    return [records[i:i + shard_size] for i in range(0, len(records), shard_size)]
+
+
+@torch.no_grad()
+def compute_shard(components, records: list[PromptRecord], cfg: CacheConfig, precision_paths: dict) -> dict:
+    """All tensors of one shard; deterministic in (components, records, cfg)."""
+    prompts = [r.prompt for r in records]
+    negatives = {r.negative or cfg.negative_prompt for r in records}
+    if len(negatives) > 1:
+        raise CacheError("per-prompt negatives in one shard differ; this cache stores one negative per shard")
+    negative_prompt = negatives.pop()
+    tensors: dict[str, torch.Tensor] = {}
+    for precision in CACHE_PRECISIONS:
+        path = precision_paths[precision]
+        tensors[f"context.{precision}"] = path.encode_prompts(prompts).float().to(_STORE_DTYPE[precision])
+        tensors[f"negative.{precision}"] = path.encode_prompts([negative_prompt]).float().to(_STORE_DTYPE[precision])
+    latent_shape = components.latent_shape(cfg.image_size)
+    noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(prompt_seed(r.id)))
+                         for r in records])
+    context = components.encode_prompts(prompts)          # the teacher's own (full-precision) text path
+    negative = components.encode_prompts([negative_prompt])
+    sigmas = flow.teacher_sigmas(cfg.steps, cfg.shift)
+    trajectory = sampler.euler_sample(components.velocity, noise, sigmas, context, negative, cfg.guidance_scale,
+                                      keep_trajectory=True)
+    dtype = getattr(torch, cfg.dtype)
+    tensors.update(noise=noise, states=trajectory.states.transpose(0, 1).to(dtype).contiguous(),
+                   velocities=trajectory.velocities.transpose(0, 1).to(dtype).contiguous(),
+                   x0=trajectory.x0.to(dtype).contiguous(), sigmas=sigmas)
+    return tensors
+
+
+def _shard_name(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
+
+
+def _load_manifest(folder: Path) -> Optional[dict]:
+    path = folder / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _shard_ok(folder: Path, entry: Optional[dict]) -> bool:
+    if entry is None:
+        return False
+    path = folder / entry["file"]
+    return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
+
+
+def check_disk(folder: Path, needed_bytes: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if needed_bytes > free:
+        raise CacheError(f"{folder}: the cache needs about {needed_bytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB "
+                         f"are free; free space, choose another folder, or cache fewer prompts")
+
+
+def build_cache(components, records: list[PromptRecord], cfg: CacheConfig, folder: Path, rank: int = 0,
+                world_size: int = 1, progress: bool = True, only_shards: Optional[set[int]] = None) -> dict:
+    """Write (or resume) the cache; rank r writes shards r, r+W, ... and its own manifest part."""
+    folder = Path(folder)
+    shards = shard_ids(records, cfg.shard_size)
+    latent_shape = components.latent_shape(cfg.image_size)
+    context_shape = tuple(components.encode_prompts([records[0].prompt]).shape[1:])
+    per_prompt = bytes_per_prompt(latent_shape, cfg.steps, context_shape,
+                                  torch.tensor([], dtype=getattr(torch, cfg.dtype)).element_size())
+    check_disk(folder, sum(per_prompt.values()) * len(records) // world_size)
+    manifest_name = MANIFEST if world_size == 1 else f"manifest.rank{rank}.json"
+    existing = _load_manifest(folder) or {}
+    if existing and existing.get("config_hash") not in (None, cfg.digest()):
+        raise CacheError(f"{folder}: holds a cache built with other settings (config hash "
+                         f"{existing['config_hash']} != {cfg.digest()}); use a new folder or delete it")
+    entries = {e["index"]: e for e in existing.get("shards", [])}
+    if world_size > 1 and (folder / manifest_name).is_file():
+        entries.update({e["index"]: e for e in json.loads((folder / manifest_name).read_text())["shards"]})
+    precision_paths = {p: text.text_path_at(components, p) for p in CACHE_PRECISIONS}
+    mine = [i for i in range(len(shards)) if i % world_size == rank and (only_shards is None or i in only_shards)]
+    stats = {"written": 0, "skipped": 0, "sample_s": 0.0, "write_s": 0.0}
+    iterator = mine
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(mine, desc=f"cache rank {rank}", mininterval=5)
+    for index in iterator:
+        if only_shards is None and _shard_ok(folder, entries.get(index)):
+            stats["skipped"] += 1
+            continue
+        t0 = time.perf_counter()
+        tensors = compute_shard(components, shards[index], cfg, precision_paths)
+        t1 = time.perf_counter()
+        ids = [r.id for r in shards[index]]
+        # one metadata key: safetensors orders several keys differently per process, which would break byte identity
+        blob = save(tensors, metadata={"cache": json.dumps({"ids": ids, "config_hash": cfg.digest()}, sort_keys=True)})
+        atomic_write_bytes(folder / _shard_name(index), blob)
+        entries[index] = {"index": index, "file": _shard_name(index), "sha256": hashlib.sha256(blob).hexdigest(),
+                          "bytes": len(blob), "count": len(ids), "ids": ids}
+        _write_manifest(folder / manifest_name, cfg, records, entries, per_prompt)
+        stats["sample_s"] += t1 - t0
+        stats["write_s"] += time.perf_counter() - t1
+        stats["written"] += 1
+    if stats["written"] == 0 and not (folder / manifest_name).is_file():
+        _write_manifest(folder / manifest_name, cfg, records, entries, per_prompt)
+    return {**stats, "bytes_per_prompt": per_prompt, "shards": len(shards), "mine": len(mine)}
+
+
+def _write_manifest(path: Path, cfg: CacheConfig, records, entries: dict, per_prompt: dict) -> None:
+    atomic_write_json(path, {"config_hash": cfg.digest(), "config": asdict(cfg), "code_version": _code_version(),
+                             "prompt_ids": [r.id for r in records], "prompts": {r.id: r.prompt for r in records},
+                             "bytes_per_prompt": per_prompt,
+                             "shards": [entries[i] for i in sorted(entries)]})
+
+
+def merge_rank_manifests(folder: Path, world_size: int) -> dict:
+    """Rank 0, after a barrier: one manifest.json from the per-rank parts (then the parts are removed)."""
+    folder = Path(folder)
+    parts = [json.loads((folder / f"manifest.rank{r}.json").read_text()) for r in range(world_size)]
+    hashes = {p["config_hash"] for p in parts}
+    if len(hashes) != 1:
+        raise CacheError(f"{folder}: ranks wrote with different settings {sorted(hashes)}")
+    merged = {**parts[0], "shards": sorted((e for p in parts for e in p["shards"]), key=lambda e: e["index"])}
+    atomic_write_json(folder / MANIFEST, merged)
+    for r in range(world_size):
+        (folder / f"manifest.rank{r}.json").unlink()
+    return merged
+
+
+# --- verification ----------------------------------------------------------------------------------------------------
+
+def verify_cache(folder: Path) -> dict:
+    """{'ok': [...], 'bad': {index: reason}} for every shard the manifest expects."""
+    folder = Path(folder)
+    manifest = _load_manifest(folder)
+    if manifest is None:
+        raise CacheError(f"{folder}: no {MANIFEST}; build the cache with notebook 01_cache")
+    n_expected = -(-len(manifest["prompt_ids"]) // manifest["config"]["shard_size"])
+    entries = {e["index"]: e for e in manifest["shards"]}
+    ok, bad = [], {}
+    for index in range(n_expected):
+        entry = entries.get(index)
+        path = folder / _shard_name(index)
+        if entry is None or not path.is_file():
+            bad[index] = "missing"
+        elif path.stat().st_size != entry["bytes"]:
+            bad[index] = f"truncated or grown: {path.stat().st_size} bytes, manifest says {entry['bytes']}"
+        elif sha256_file(path) != entry["sha256"]:
+            bad[index] = "corrupt: sha256 differs from the manifest"
+        else:
+            ok.append(index)
+    return {"ok": ok, "bad": bad, "expected": n_expected}
+
+
+# --- reading ---------------------------------------------------------------------------------------------------------
+
+class CacheDataset(torch.utils.data.IterableDataset):
+    """Streams verified shards in a seeded order and yields examples through a shuffle buffer.
+
+    Each example: {"id", "context" (chosen precision), "negative", "noise", "states", "velocities", "x0", "sigmas"}.
+    """
+
+    def __init__(self, folder: Path, precision: str = "q8_0", shuffle_buffer: int = 256, seed: int = 0,
+                 verify: bool = True):
+        if precision not in CACHE_PRECISIONS:
+            raise CacheError(f"precision {precision!r}: the cache holds {list(CACHE_PRECISIONS)}")
+        self.folder, self.precision, self.buffer, self.seed = Path(folder), precision, shuffle_buffer, seed
+        self.manifest = _load_manifest(self.folder)
+        if self.manifest is None:
+            raise CacheError(f"{folder}: no {MANIFEST}; run notebook 01_cache first")
+        if verify:
+            report = verify_cache(self.folder)
+            if report["bad"]:
+                raise CacheError(f"{folder}: shards {sorted(report['bad'])} fail verification "
+                                 f"({next(iter(report['bad'].values()))}); run `anima cache verify {folder} --repair`")
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1
+        shards = self.manifest["shards"]
+        worker = torch.utils.data.get_worker_info()
+        order = torch.randperm(len(shards), generator=generator).tolist()
+        if worker is not None:
+            order = order[worker.id::worker.num_workers]
+        buffer: list[dict] = []
+        for index in order:
+            entry = shards[index]
+            tensors = load_file(self.folder / entry["file"])
+            for k, pid in enumerate(entry["ids"]):
+                buffer.append({"id": pid, "context": tensors[f"context.{self.precision}"][k],
+                               "negative": tensors[f"negative.{self.precision}"][0], "noise": tensors["noise"][k],
+                               "states": tensors["states"][k], "velocities": tensors["velocities"][k],
+                               "x0": tensors["x0"][k], "sigmas": tensors["sigmas"]})
+                if len(buffer) >= self.buffer:
+                    yield buffer.pop(int(torch.randint(len(buffer), (1,), generator=generator)))
+        while buffer:
+            yield buffer.pop(int(torch.randint(len(buffer), (1,), generator=generator)))
+
+
+def env_rank() -> tuple[int, int]:
+    """(rank, world size) under torchrun, (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
