@@ -328,3 +328,57 @@ class CacheDataset(torch.utils.data.IterableDataset):
 def env_rank() -> tuple[int, int]:
     """(rank, world size) under torchrun, (0, 1) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# --- what the notebook, the CLI and torchrun call ----------------------------------------------------------------------
+
+def cache_folder(params) -> Path:
+    return params.output_path() / "cache"
+
+
+def cache_records(params) -> tuple[list[PromptRecord], list[str]]:
+    if params.cache.prompts_file:
+        from .config import _resolve
+        max_words = 16 if params.model.preset == "nano" else None
+        return read_prompts_jsonl(_resolve(params.cache.prompts_file), max_words=max_words)
+    return nano_prompts(params.cache.n_prompts, seed=params.run.seed), []
+
+
+def cache_config(params, teacher_name: str) -> CacheConfig:
+    return CacheConfig(steps=params.sampler.teacher_steps, shift=params.sampler.shift,
+                       guidance_scale=params.sampler.guidance_scale, negative_prompt=params.sampler.negative_prompt,
+                       image_size=params.gate.image_size, shard_size=params.cache.shard_size, dtype=params.cache.dtype,
+                       teacher=teacher_name)
+
+
+def teacher_name(params) -> str:
+    if params.model.preset == "nano":
+        from .models import nano_teacher_folder
+        return "random:%d" % params.run.seed if params.model.nano_weights == "random" else str(nano_teacher_folder(params))
+    return params.model.diffusers_dir or params.model.comfy_diffusion_model
+
+
+def run_cache(params, repair: bool = False, progress: bool = True) -> dict:
+    """Build (or resume, or repair) this run's cache; under torchrun every rank takes its shards, rank 0 merges."""
+    from .models import load_components
+    rank, world_size = env_rank()
+    if world_size > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+    components = load_components(params)
+    records, skipped = cache_records(params)
+    if params.model.preset == "nano":
+        from .models import check_nano_prompts
+        check_nano_prompts(components, [r.prompt for r in records])
+    folder = cache_folder(params)
+    only = set(verify_cache(folder)["bad"]) if repair else None
+    stats = build_cache(components, records, cache_config(params, teacher_name(params)), folder, rank=rank,
+                        world_size=world_size, progress=progress, only_shards=only)
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        if rank == 0:
+            merge_rank_manifests(folder, world_size)
+        dist.barrier()
+    return {**stats, "skipped_prompts": skipped, "folder": str(folder), "world_size": world_size}

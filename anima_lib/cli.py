@@ -3,6 +3,8 @@
   anima run params/nano.yaml [--only 05_quality_gate ...] [--set section.key=value ...]
   anima params params/nano.yaml [--set ...]     validate and print the resolved parameters
   anima params --describe                       every parameter with its default and meaning
+  anima cache build params/nano.yaml [--set ...]     build or resume the run's cache (also under torchrun)
+  anima cache verify <cache folder> [--repair params/nano.yaml]
 """
 from __future__ import annotations
 
@@ -26,6 +28,15 @@ def main(argv=None) -> int:
     show.add_argument("preset", nargs="?", default="nano")
     show.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides")
     show.add_argument("--describe", action="store_true", help="list every parameter with its default and meaning")
+    cache_cmd = sub.add_parser("cache", help="build, resume, verify or repair the distillation cache")
+    cache_sub = cache_cmd.add_subparsers(dest="cache_command", required=True)
+    build = cache_sub.add_parser("build", help="build or resume (torchrun --nproc_per_node=K -m anima_lib.cli ...)")
+    build.add_argument("preset")
+    build.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides")
+    verify = cache_sub.add_parser("verify", help="check every shard against the manifest's sha256")
+    verify.add_argument("folder")
+    verify.add_argument("--repair", metavar="PRESET", help="regenerate the bad shards with this preset's models")
+    verify.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides")
     args = parser.parse_args(argv)
     try:
         if args.command == "params":
@@ -34,11 +45,36 @@ def main(argv=None) -> int:
                 return 0
             print(yaml.safe_dump(config.load_config(args.preset, args.overrides).to_dict(), sort_keys=False), end="")
             return 0
+        if args.command == "cache":
+            return _cache(args)
         from .report import run_pipeline  # papermill and friends only once the parameters are valid
         return run_pipeline(args.preset, args.overrides, args.only)
     except config.ConfigError as exc:
         print(f"anima: parameter error: {exc}", file=sys.stderr)
         return 2
+
+
+def _cache(args) -> int:
+    import json
+    from . import cache
+    if args.cache_command == "build":
+        stats = cache.run_cache(config.load_config(args.preset, args.overrides))
+        print(json.dumps({k: v for k, v in stats.items() if k != "bytes_per_prompt"}, indent=2))
+        return 0
+    report = cache.verify_cache(args.folder)
+    for index, reason in sorted(report["bad"].items()):
+        print(f"shard {index:05d}: {reason}")
+    print(f"{len(report['ok'])}/{report['expected']} shards verified")
+    if report["bad"] and args.repair:
+        params = config.load_config(args.repair, args.overrides)
+        if str(cache.cache_folder(params)) != str(cache.Path(args.folder).resolve()):
+            print(f"anima: {args.folder} is not the cache of {args.repair} ({cache.cache_folder(params)})",
+                  file=sys.stderr)
+            return 2
+        cache.run_cache(params, repair=True)
+        report = cache.verify_cache(args.folder)
+        print(f"after repair: {len(report['ok'])}/{report['expected']} shards verified")
+    return 0 if not report["bad"] else 1
 
 
 if __name__ == "__main__":

@@ -135,6 +135,8 @@ class TeacherParams:
     caption_dropout: float = _spec(0.1, help="fraction of empty-prompt examples (so CFG works)",
                                    check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
     jitter_seeds: int = _spec(16, help="renders per attribute combination in the training pool", check=_positive)
+    logit_std: float = _spec(1.4, help="training times s = sigmoid(N(0, logit_std)); wider reaches the low-noise end",
+                             check=_positive)
 
 
 @dataclass

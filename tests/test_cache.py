@@ -152,3 +152,27 @@ def test_projection_reproduces_the_terabyte_scale():
 def test_refuses_when_the_disk_is_too_small(tmp_path):
     with pytest.raises(cache.CacheError, match="GB are free"):
         cache.check_disk(tmp_path, 10 ** 18)
+
+
+def _cli(args, tmp_path, runner):
+    overrides = ["model.nano_weights=random", "cache.n_prompts=6", "cache.shard_size=2", "sampler.teacher_steps=4",
+                 "gate.teacher_steps=[4]", "run.threads=1", f"run.report_dir={tmp_path}/r"]
+    command = runner + ["cache", "build", "nano"] + [a for o in overrides for a in ("--set", o)] + args
+    return subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_equals_one_process(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    one = _cli(["--set", f"run.output_dir={tmp_path}/one"], tmp_path, [str(bin_dir / "anima")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _cli(["--set", f"run.output_dir={tmp_path}/two"], tmp_path,
+               [str(bin_dir / "torchrun"), "--nproc_per_node=2", "--master_port=29531", "-m", "anima_lib.cli"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = tmp_path / "one" / "nano" / "cache", tmp_path / "two" / "nano" / "cache"
+    assert shard_bytes(a) == shard_bytes(b) and len(shard_bytes(a)) == 3
+    manifest_a, manifest_b = (json.loads((f / "manifest.json").read_text()) for f in (a, b))
+    assert manifest_a["shards"] == manifest_b["shards"] and not list(b.glob("manifest.rank*"))
+    verify = subprocess.run([str(bin_dir / "anima"), "cache", "verify", str(b)], capture_output=True, text=True)
+    assert verify.returncode == 0 and "3/3 shards verified" in verify.stdout

@@ -1,7 +1,7 @@
 """The nano teacher: the nano Anima components trained by flow matching on renderer images, shipped in the repo.
 
 Run in the background (resumable; a crash loses at most `checkpoint_every` steps):
-    python -m anima_lib.nano_world.teacher --out outputs/nano_teacher_train --minutes 60 [--ship]
+    python -m anima_lib.nano_world.teacher --set teacher.minutes=60 [--ship]
 """
 from __future__ import annotations
 
@@ -141,22 +141,26 @@ def load_teacher(folder: Path = SHIPPED_TEACHER) -> models.AnimaComponents:
     return load_diffusers_folder(folder)
 
 
+def teacher_config(params) -> FlowMatchingConfig:
+    """The flow-matching settings of the nano teacher, from the `teacher` section of the parameters."""
+    t = params.teacher
+    return FlowMatchingConfig(steps=t.steps, batch_size=t.batch_size, lr=t.lr, caption_dropout=t.caption_dropout,
+                              logit_std=t.logit_std, time_budget_s=t.minutes * 60, seed=params.run.seed)
+
+
 def main(argv=None):
+    from ..config import load_config
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", default="nano")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", help="e.g. teacher.minutes=60")
     parser.add_argument("--out", type=Path, default=Path("outputs/nano_teacher_train"))
-    parser.add_argument("--minutes", type=float, default=60.0)
-    parser.add_argument("--steps", type=int, default=100_000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--jitter-seeds", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--ship", action="store_true", help=f"write the EMA teacher to {SHIPPED_TEACHER}")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = FlowMatchingConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             time_budget_s=args.minutes * 60, checkpoint_every=200)
-    components, result = train_nano_teacher(args.out, cfg, jitter_seeds=args.jitter_seeds)
+    params = load_config(args.preset, args.overrides)
+    if params.run.threads:
+        torch.set_num_threads(params.run.threads)
+    cfg = teacher_config(params)
+    components, result = train_nano_teacher(args.out, cfg, jitter_seeds=params.teacher.jitter_seeds)
     manifest = training_manifest(cfg, result)
     target = SHIPPED_TEACHER if args.ship else args.out / "teacher"
     save_teacher(components, target, manifest)
