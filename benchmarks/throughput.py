@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from anima_lib import cache, config, flow, gate, models, sampler
+from anima_lib import cache, config, gate, models, text
 
 
 def main():
@@ -33,8 +33,7 @@ def main():
     cfg = cache.cache_config(params, "shipped")
     with tempfile.TemporaryDirectory() as tmp:
         # sampling alone: exactly what the writer computes per shard, without serializing or writing
-        paths = {p: __import__("anima_lib.text", fromlist=["x"]).text_path_at(components, p)
-                 for p in cache.CACHE_PRECISIONS}
+        paths = {p: text.text_path_at(components, p) for p in cache.CACHE_PRECISIONS}
         t0 = time.perf_counter()
         for shard in cache.shard_ids(records, cfg.shard_size):
             cache.compute_shard(components, shard, cfg, paths)
