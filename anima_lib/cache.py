@@ -201,6 +201,9 @@ def build_cache(components, records: list[PromptRecord], cfg: CacheConfig, folde
     if existing and existing.get("config_hash") not in (None, cfg.digest()):
         raise CacheError(f"{folder}: holds a cache built with other settings (config hash "
                          f"{existing['config_hash']} != {cfg.digest()}); use a new folder or delete it")
+    if existing and existing.get("prompt_ids") != [r.id for r in records]:
+        raise CacheError(f"{folder}: holds a cache of another prompt list ({len(existing['prompt_ids'])} prompts, "
+                         f"asked for {len(records)}); use another run.name or delete the folder")
     entries = {e["index"]: e for e in existing.get("shards", [])}
     if world_size > 1 and (folder / manifest_name).is_file():
         entries.update({e["index"]: e for e in json.loads((folder / manifest_name).read_text())["shards"]})

@@ -149,6 +149,11 @@ def test_projection_reproduces_the_terabyte_scale():
     assert "TB" in cache.projection_text(per_prompt)
 
 
+def test_refuses_a_different_prompt_list(built, components):
+    with pytest.raises(cache.CacheError, match="another prompt list \\(5 prompts, asked for 4\\)"):
+        cache.build_cache(components, RECORDS[:4], CFG, built[0], progress=False)
+
+
 def test_refuses_when_the_disk_is_too_small(tmp_path):
     with pytest.raises(cache.CacheError, match="GB are free"):
         cache.check_disk(tmp_path, 10 ** 18)
