@@ -9,7 +9,7 @@ Nano backend (probe network, anima_lib.nano_world.probes):
   style_score     mean probe probability of "our style"
   clean_rate      fraction of images read as clean creatures
 Uncertainty: a bootstrap over prompts (images of one prompt move together), reported as <metric>_ci = [lo, hi] (90%).
-Production backends (Inception FID, open_clip CLIP score) need local weights; see `production_backends`.
+Production backends (Inception FID, open_clip CLIP score from local weights) are not written yet.
 """
 from __future__ import annotations
 
@@ -99,13 +99,3 @@ def score_images(reading: dict, attributes: list[dict], image_prompt: list[int])
     out["n_images"] = len(image_prompt)
     return out
 
-
-def production_backends(inception_weights: Optional[str] = None, clip_checkpoint: Optional[str] = None) -> dict:
-    """Which standard metrics can run: each needs local weights; absent weights are reported, never faked."""
-    from pathlib import Path
-    status = {}
-    status["fid_inception"] = ("available" if inception_weights and Path(inception_weights).is_file()
-                               else "unavailable: no local Inception weights (set a path); FID not computed")
-    status["clip_score"] = ("available" if clip_checkpoint and Path(clip_checkpoint).is_file()
-                            else "unavailable: no local open_clip checkpoint; CLIP score not computed")
-    return status

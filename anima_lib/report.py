@@ -71,14 +71,6 @@ def write_metrics(params, notebook: str, rows: dict, verdict: str, passed: bool,
     return atomic_write_json(metrics_file(params, notebook), record)
 
 
-def require_outputs(params, notebook: str, *paths: Path) -> None:
-    """Fail with the name of the notebook to run first when an input artifact is missing."""
-    missing = [str(p) for p in paths if not Path(p).exists()]
-    if missing:
-        raise FileNotFoundError(f"missing {missing}: run notebook {notebook} first "
-                                f"(anima run {params.source.split(' ')[0]} --only {notebook})")
-
-
 # --- HTML -------------------------------------------------------------------------------------------------------------
 
 def export_html(ipynb_path: Path, html_path: Path) -> Path:
