@@ -104,6 +104,17 @@ _MIDDLE = (("middle.0.", "mid_block.resnets.0."), ("middle.1.", "mid_block.atten
 _HEAD = (("head.0.", "norm_out."), ("head.2.", "conv_out."))
 
 
+def _rename_parts(rest: str, to_diffusers: bool) -> str:
+    """At most one rename per table (mid block, head, residual parts), in the direction asked."""
+    for table in (_MIDDLE, _HEAD, _RESIDUAL):
+        for wan, diffusers in table:
+            old, new = (wan, diffusers) if to_diffusers else (diffusers, wan)
+            if old in rest:
+                rest = rest.replace(old, new, 1)
+                break
+    return rest
+
+
 def vae_key_to_diffusers(key: str, num_res_blocks: int) -> str:
     if key.startswith("conv1."):
         return "quant_conv." + key[len("conv1."):]
@@ -119,12 +130,7 @@ def vae_key_to_diffusers(key: str, num_res_blocks: int) -> str:
         stage, slot = divmod(int(m[1]), stride)
         rest = (f"up_blocks.{stage}.upsamplers.0.{m[2]}" if slot == num_res_blocks + 1
                 else f"up_blocks.{stage}.resnets.{slot}.{m[2]}")
-    for table in (_MIDDLE, _HEAD, _RESIDUAL):
-        for old, new in table:
-            if old in rest:
-                rest = rest.replace(old, new, 1)
-                break
-    return f"{side}.{rest}"
+    return f"{side}.{_rename_parts(rest, to_diffusers=True)}"
 
 
 def vae_key_to_comfy(key: str, num_res_blocks: int) -> str:
@@ -142,12 +148,7 @@ def vae_key_to_comfy(key: str, num_res_blocks: int) -> str:
         rest = f"upsamples.{int(m[1]) * stride + num_res_blocks + 1}.{m[2]}"
     elif m := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", rest):
         rest = f"upsamples.{int(m[1]) * stride + int(m[2])}.{m[3]}"
-    for table in (_MIDDLE, _HEAD, _RESIDUAL):
-        for old, new in table:
-            if new in rest:
-                rest = rest.replace(new, old, 1)
-                break
-    return f"{side}.{rest}"
+    return f"{side}.{_rename_parts(rest, to_diffusers=False)}"
 
 
 def vae_config_from_comfy(state: dict) -> dict:
