@@ -116,6 +116,7 @@ class CacheConfig:
     shard_size: int
     dtype: str                      # trajectory dtype: "bfloat16" | "float16" | "float32"
     teacher: str                    # what produced the trajectories (a path or "random:<seed>")
+    teacher_sha256: str = ""        # models.weights_digest of the teacher DiT: distillation refuses another teacher
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -328,6 +329,69 @@ class CacheDataset(torch.utils.data.IterableDataset):
             yield buffer.pop(int(torch.randint(len(buffer), (1,), generator=generator)))
 
 
+class CacheBatches:
+    """Random-access batches for distillation: batch b is a pure function of (seed, b), so a resumed run reads exactly
+    what an uninterrupted one would. Rows are read from the memory-mapped shards (only x0 and the text embeddings).
+
+    Checks up front, each naming 01_cache: the folder holds a complete, verified cache; it has `precision`; it was
+    built by the teacher whose weights digest is `teacher_sha256` (when given).
+    """
+
+    def __init__(self, folder: Path, precision: str = "q8_0", seed: int = 0, teacher_sha256: Optional[str] = None,
+                 verify: bool = True):
+        self.folder, self.precision, self.seed = Path(folder), precision, seed
+        manifest = _load_manifest(self.folder)
+        if manifest is None:
+            raise CacheError(f"{self.folder}: no distillation cache here ({MANIFEST} missing); run notebook 01_cache "
+                             f"first (`anima run <preset> --only 01_cache`)")
+        if precision not in CACHE_PRECISIONS:
+            raise CacheError(f"precision {precision!r}: a cache written by 01_cache holds {list(CACHE_PRECISIONS)}")
+        built_by = manifest["config"].get("teacher_sha256", "")
+        if teacher_sha256 is not None and built_by != teacher_sha256:
+            raise CacheError(f"{self.folder}: built by another teacher (weights digest {built_by or 'unrecorded'}, "
+                             f"this run's teacher is {teacher_sha256}); re-run notebook 01_cache for this teacher")
+        if verify:
+            report = verify_cache(self.folder)
+            if report["bad"]:
+                raise CacheError(f"{self.folder}: shards {sorted(report['bad'])} fail verification; re-run notebook "
+                                 f"01_cache or `anima cache verify {self.folder} --repair <preset>`")
+        self.manifest = manifest
+        self.rows = [(e["file"], k) for e in sorted(manifest["shards"], key=lambda e: e["index"])
+                     for k in range(e["count"])]
+        self.config = manifest["config"]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def indices(self, batch_index: int, batch_size: int) -> list[int]:
+        """Rows of batch `batch_index`: consecutive slices of a seeded permutation per epoch."""
+        start = batch_index * batch_size
+        out = []
+        while len(out) < batch_size:
+            epoch, offset = divmod(start + len(out), len(self.rows))
+            perm = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+            out.extend(perm[offset: offset + batch_size - len(out)].tolist())
+        return out
+
+    def batch(self, batch_index: int, batch_size: int, rank: int = 0, world_size: int = 1) -> dict:
+        """{"x0" [b,...] float32, "context" [b,L,D] float32, "negative" [1,L,D] float32}; rank r takes rows r::W."""
+        from safetensors import safe_open
+        rows = [self.rows[i] for i in self.indices(batch_index, batch_size)][rank::world_size]
+        x0, context, negative = [], [], None
+        for file in dict.fromkeys(f for f, _ in rows):
+            ks = [k for f, k in rows if f == file]
+            with safe_open(self.folder / file, framework="pt") as f:
+                x0_all, ctx_all = f.get_slice("x0"), f.get_slice(f"context.{self.precision}")
+                for k in ks:
+                    x0.append(x0_all[k:k + 1].float())
+                    context.append(ctx_all[k:k + 1].float())
+                if negative is None:
+                    negative = f.get_tensor(f"negative.{self.precision}").float()
+        order = [i for f in dict.fromkeys(f for f, _ in rows) for i, (g, _) in enumerate(rows) if g == f]
+        inverse = sorted(range(len(order)), key=lambda j: order[j])
+        return {"x0": torch.cat(x0)[inverse], "context": torch.cat(context)[inverse], "negative": negative}
+
+
 def env_rank() -> tuple[int, int]:
     """(rank, world size) under torchrun, (0, 1) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -347,11 +411,11 @@ def cache_records(params) -> tuple[list[PromptRecord], list[str]]:
     return nano_prompts(params.cache.n_prompts, seed=params.run.seed), []
 
 
-def cache_config(params, teacher_name: str) -> CacheConfig:
+def cache_config(params, teacher_name: str, teacher_sha256: str = "") -> CacheConfig:
     return CacheConfig(steps=params.sampler.teacher_steps, shift=params.sampler.shift,
                        guidance_scale=params.sampler.guidance_scale, negative_prompt=params.sampler.negative_prompt,
                        image_size=params.gate.image_size, shard_size=params.cache.shard_size, dtype=params.cache.dtype,
-                       teacher=teacher_name)
+                       teacher=teacher_name, teacher_sha256=teacher_sha256)
 
 
 def teacher_name(params) -> str:
@@ -376,7 +440,9 @@ def run_cache(params, repair: bool = False, progress: bool = True) -> dict:
         check_nano_prompts(components, [r.prompt for r in records])
     folder = cache_folder(params)
     only = set(verify_cache(folder)["bad"]) if repair else None
-    stats = build_cache(components, records, cache_config(params, teacher_name(params)), folder, rank=rank,
+    from .models import weights_digest
+    cfg = cache_config(params, teacher_name(params), weights_digest(components.transformer))
+    stats = build_cache(components, records, cfg, folder, rank=rank,
                         world_size=world_size, progress=progress, only_shards=only)
     if world_size > 1:
         import torch.distributed as dist

@@ -5,6 +5,8 @@
   anima params --describe                       every parameter with its default and meaning
   anima cache build params/nano.yaml [--set ...]     build or resume the run's cache (also under torchrun)
   anima cache verify <cache folder> [--repair params/nano.yaml]
+  anima distill params/nano.yaml [--method rcm|scm|lcm] [--set ...]   train or resume a student (also under torchrun:
+        torchrun --nproc_per_node=K -m anima_lib.cli distill ...)
 """
 from __future__ import annotations
 
@@ -37,6 +39,10 @@ def main(argv=None) -> int:
     verify.add_argument("folder")
     verify.add_argument("--repair", metavar="PRESET", help="regenerate the bad shards with this preset's models")
     verify.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides")
+    dist = sub.add_parser("distill", help="train or resume one distillation method (rcm, scm ablation, lcm baseline)")
+    dist.add_argument("preset")
+    dist.add_argument("--method", default="rcm", choices=["rcm", "scm", "lcm"])
+    dist.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides")
     args = parser.parse_args(argv)
     try:
         if args.command == "params":
@@ -47,6 +53,8 @@ def main(argv=None) -> int:
             return 0
         if args.command == "cache":
             return _cache(args)
+        if args.command == "distill":
+            return _distill(args)
         from .report import run_pipeline  # papermill and friends only once the parameters are valid
         return run_pipeline(args.preset, args.overrides, args.only)
     except config.ConfigError as exc:
@@ -75,6 +83,24 @@ def _cache(args) -> int:
         report = cache.verify_cache(args.folder)
         print(f"after repair: {len(report['ok'])}/{report['expected']} shards verified")
     return 0 if not report["bad"] else 1
+
+
+def _distill(args) -> int:
+    import torch
+    from . import cache, distill
+    params = config.load_config(args.preset, args.overrides)
+    if params.run.threads:
+        torch.set_num_threads(params.run.threads)
+    try:
+        distiller = distill.run_distill(params, args.method)
+    except (cache.CacheError, distill.DivergenceError) as exc:
+        print(f"anima: {exc}", file=sys.stderr)
+        return 1
+    state = distiller.state
+    if distiller.rank == 0:
+        print(f"{args.method}: {state.iteration} iterations ({state.student_steps} student steps) in {state.wall_s:.0f} s; "
+              f"checkpoints in {distill.checkpoint_dir(params, args.method)}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -135,8 +135,11 @@ class TeacherParams:
     caption_dropout: float = _spec(0.1, help="fraction of empty-prompt examples (so CFG works)",
                                    check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
     jitter_seeds: int = _spec(16, help="renders per attribute combination in the training pool", check=_positive)
-    logit_std: float = _spec(1.4, help="training times s = sigmoid(N(0, logit_std)); wider reaches the low-noise end",
+    logit_std: float = _spec(1.4, help="training times s = sigmoid(N(logit_mean, logit_std)); wider reaches the ends",
                              check=_positive)
+    logit_mean: float = _spec(0.0, help="centre of the logit-normal training times; below 0 favours low noise (detail)")
+    init: str = _spec("scratch", help="'scratch' (random init from run.seed) or 'shipped' (fine-tune the shipped teacher)",
+                      allowed=("scratch", "shipped"))
 
 
 @dataclass
@@ -150,6 +153,43 @@ class CacheParams:
                            allowed=("f16", "bf16", "q8_0"))
 
 
+def _each_method(values):
+    unknown = [v for v in values if v not in ("scm", "lcm")]
+    if unknown:
+        return f"each entry must be one of ['scm', 'lcm'] (got {unknown})"
+    return "must not repeat a method" if len(set(values)) != len(values) else None
+
+
+@dataclass
+class DistillParams:
+    student_steps: int = _spec(400, help="student optimizer steps of every method (rCM adds student_every-1 critic "
+                                         "steps per student step)", check=_positive)
+    minutes: float = _spec(20.0, help="time budget of the rCM run (baselines get the same); stops after a checkpoint",
+                           check=_positive)
+    batch_size: int = _spec(32, help="global batch (split across torchrun ranks)", check=_positive)
+    lr: float = _spec(1e-4, help="student AdamW learning rate, betas (0, 0.999), no clipping", check=_positive)
+    fake_lr: float = _spec(2e-5, help="fake-score (critic) learning rate; rCM uses 5x below the student's",
+                           check=_positive)
+    student_every: int = _spec(5, help="rCM: one student step every N iterations, the rest train the critic (F)",
+                               check=_positive)
+    ema_decay: float = _spec(0.99, help="EMA of the student (what the gate scores)",
+                             check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+    checkpoint_every: int = _spec(100, help="iterations between atomic checkpoints (and EMA snapshots)",
+                                  check=_positive)
+    scm_weight: float = _spec(100.0, help="weight of the sum-reduced sCM loss", check=_positive)
+    dmd_weight: float = _spec(1.0, help="weight of the sum-reduced DMD loss (lambda = dmd/scm = 0.01); 0 = sCM only",
+                              check=_non_negative)
+    max_rollout: int = _spec(4, help="student rollouts of 1..N steps for DMD and the critic", check=_positive)
+    tangent_warmup: int = _spec(0, help="H: student steps of tangent warm-up (0 as rCM for Cosmos)",
+                                check=_non_negative)
+    p_g: list[float] = _spec(help="sCM times: [mean, std] of log(tan t)", default_factory=lambda: [-0.8, 1.6])
+    p_d: list[float] = _spec(help="DMD/critic times: [mean, std] of log(tan t)", default_factory=lambda: [0.0, 1.6])
+    baselines: list[str] = _spec(help="also train these for the gate: 'scm' (rCM without DMD), 'lcm' (LCM-style)",
+                                 check=_each_method, default_factory=lambda: ["scm", "lcm"])
+    checkpoint: str = _spec("last", help="what 05_quality_gate scores: 'last' (the final EMA) or a path to an "
+                                         "ema_<iteration>.safetensors snapshot of the rCM run")
+
+
 @dataclass
 class Params:
     run: RunParams = field(default_factory=RunParams)
@@ -158,6 +198,7 @@ class Params:
     gate: GateParams = field(default_factory=GateParams)
     teacher: TeacherParams = field(default_factory=TeacherParams)
     cache: CacheParams = field(default_factory=CacheParams)
+    distill: DistillParams = field(default_factory=DistillParams)
     source: str = "<defaults>"  # the file the values came from, for messages
 
     def to_dict(self) -> dict:
@@ -178,7 +219,7 @@ def _resolve(p: str) -> Path:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Params) if f.name != "source"}
 _SECTION_CLASSES = {"run": RunParams, "model": ModelParams, "sampler": SamplerParams, "gate": GateParams,
-                    "teacher": TeacherParams, "cache": CacheParams}
+                    "teacher": TeacherParams, "cache": CacheParams, "distill": DistillParams}
 
 
 def _type_ok(value, annotation) -> bool:
@@ -294,6 +335,13 @@ def load_config(preset: str | os.PathLike = "nano", overrides: list[str] | dict 
     params = Params(**{name: _build_section(name, raw.get(name, {}), source) for name in SECTIONS}, source=source)
     if params.cache.prompts_file is not None and not _resolve(params.cache.prompts_file).is_file():
         raise ConfigError(f"{source}: cache.prompts_file = {params.cache.prompts_file!r}: no such file")
+    for key in ("p_g", "p_d"):
+        value = getattr(params.distill, key)
+        if len(value) != 2 or value[1] <= 0:
+            raise ConfigError(f"{source}: distill.{key} = {value} must be [mean, std] with std > 0")
+    if params.distill.checkpoint != "last" and not _resolve(params.distill.checkpoint).is_file():
+        raise ConfigError(f"{source}: distill.checkpoint = {params.distill.checkpoint!r}: no such file (use 'last' or "
+                          f"an ema_<iteration>.safetensors written by 02_distill)")
     if params.sampler.teacher_steps not in params.gate.teacher_steps:
         raise ConfigError(f"{source}: gate.teacher_steps = {params.gate.teacher_steps} must include "
                           f"sampler.teacher_steps = {params.sampler.teacher_steps} (the gate's reference row)")

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import flow
-from .io import atomic_write_json
+from .io import atomic_replace_dir, atomic_write_json
 
 
 @dataclass
@@ -127,13 +127,7 @@ def train_flow_matching(modules: dict[str, torch.nn.Module], velocity_fn: Callab
         save_file({"generator": generator.get_state()}, staging / "rng.safetensors")
         atomic_write_json(staging / "state.json", {"step": step, "wall_s": time.perf_counter() - started,
                                                    "losses": losses, "config": asdict(cfg)})
-        old = checkpoint_dir / ".last.old"
-        if last.exists():
-            last.rename(old)
-        staging.rename(last)  # the checkpoint appears complete or not at all
-        if old.exists():
-            import shutil
-            shutil.rmtree(old)
+        atomic_replace_dir(staging, last)  # the checkpoint appears complete or not at all
 
     for module in modules.values():
         module.train()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import flow, metrics, sampler
+from . import flow, metrics, models, sampler
 from .nano_world.prompts import sample_creatures
 from .nano_world.renderer import render_batch
 
@@ -73,6 +73,32 @@ def sample_teacher(components, params, gate: GateSet, steps: int, stream: int = 
         sl = slice(start, start + batch_size)
         latents = sampler.euler_sample(components.velocity, noise[sl].to(device, dtype), sigmas, context[sl],
                                        negative, params.sampler.guidance_scale)
+        images.append(components.codec.decode(latents).float().cpu())
+    return torch.cat(images)
+
+
+@torch.no_grad()
+def sample_student(student, components, params, gate: GateSet, steps: int, precision: str = "q8_0",
+                   batch_size: int = 128) -> torch.Tensor:
+    """Images from a few-step student (rCM sampler, no CFG): the first noise is the teacher rows' (stream MAIN) and
+    re-noising draw k uses stream 2+k, so every step count and every model sees the same noise per image.
+    The prompt goes through the text path at `precision` (Q8_0: what the student was distilled on and the phone runs).
+    """
+    from . import text
+    shape = components.latent_shape(params.gate.image_size)
+    noises = [gate_noise(params, shape, gate, MAIN)] + [gate_noise(params, shape, gate, 2 + k) for k in range(steps - 1)]
+    context = text.text_path_at(components, precision).encode_prompts(gate.prompts).float()[gate.image_prompt]
+    trig_times = flow.student_trig_times(steps, params.sampler.sigma_max, params.sampler.student_mid_times)
+    device, dtype = next(student.parameters()).device, next(student.parameters()).dtype
+
+    def velocity(x, sigma, ctx):
+        return models.transformer_velocity(student, x, sigma, ctx)
+
+    images = []
+    for start in range(0, len(noises[0]), batch_size):
+        sl = slice(start, start + batch_size)
+        latents = sampler.consistency_sample(velocity, [n[sl].to(device, dtype) for n in noises], trig_times,
+                                             context[sl].to(device, dtype))
         images.append(components.codec.decode(latents).float().cpu())
     return torch.cat(images)
 

@@ -38,3 +38,18 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def atomic_replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Swap a fully written staging folder in for `target`: a reader sees the old folder or the new, never a mix."""
+    import shutil
+    staging, target = Path(staging), Path(target)
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
+    return target

@@ -45,3 +45,55 @@ class GaussianMixtureField:
         x0_k = self.means[None] + (1 - s) * self.stds[None, :, None] ** 2 / var_k * resid
         eps_k = s / var_k * resid
         return ((post * (eps_k - x0_k)).sum(1)).to(x.dtype)
+
+
+class ToyVelocityMLP(torch.nn.Module):
+    """A small RF velocity network for 2-D toys: v(x, s) with sinusoidal features of s (context ignored)."""
+
+    def __init__(self, dim: int = 2, width: int = 128, depth: int = 3, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        layers, inputs = [], dim + 16
+        for _ in range(depth):
+            layers += [torch.nn.Linear(inputs, width), torch.nn.SiLU()]
+            inputs = width
+        self.net = torch.nn.Sequential(*layers, torch.nn.Linear(width, dim))
+        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, 4.0, 8)))
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, context=None) -> torch.Tensor:
+        angles = sigma.float()[:, None] * self.freqs * 3.0
+        return self.net(torch.cat([x.float(), torch.sin(angles), torch.cos(angles)], dim=1)).to(x.dtype)
+
+
+def fit_to_field(mlp: ToyVelocityMLP, field: GaussianMixtureField, steps: int = 1500, batch: int = 512,
+                 seed: int = 0) -> ToyVelocityMLP:
+    """Regress the MLP onto the exact field velocity (a 'trained teacher copy' to initialise a student from)."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(mlp.parameters(), lr=2e-3)
+    for _ in range(steps):
+        x0 = field.sample(batch, generator).float()
+        sigma = torch.rand(batch, generator=generator)
+        x_s = (1 - sigma[:, None]) * x0 + sigma[:, None] * torch.randn(x0.shape, generator=generator)
+        loss = ((mlp(x_s, sigma) - field.velocity(x_s, sigma)) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return mlp.eval()
+
+
+class ToyData:
+    """Distillation data from the field itself (the teacher's exact samples): batch b is a pure function of b."""
+
+    def __init__(self, field: GaussianMixtureField, seed: int = 0):
+        self.field, self.seed = field, seed
+
+    def batch(self, batch_index: int, batch_size: int, rank: int = 0, world_size: int = 1) -> dict:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + batch_index)
+        x0 = self.field.sample(batch_size, generator).float()[rank::world_size]
+        return {"x0": x0, "context": None, "negative": None}
+
+
+def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """E|a-b| - (E|a-a'| + E|b-b'|)/2 (>= 0, zero iff equal distributions): a sample-vs-sample distance."""
+    a, b = a.double(), b.double()
+    return float(torch.cdist(a, b).mean() - 0.5 * (torch.cdist(a, a).mean() + torch.cdist(b, b).mean()))

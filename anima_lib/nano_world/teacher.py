@@ -65,10 +65,14 @@ class PromptEncoder:
 
 
 def train_nano_teacher(out_dir: Path, cfg: FlowMatchingConfig, jitter_seeds: int = 16, image_size: int = 32,
-                       progress: bool = True) -> tuple[models.AnimaComponents, dict]:
+                       progress: bool = True, init: str = "scratch") -> tuple[models.AnimaComponents, dict]:
+    """Train from random init ('scratch') or fine-tune the shipped teacher ('shipped', same frozen text encoder)."""
     out_dir = Path(out_dir)
-    components = models.build_nano(vocabulary(), seed=cfg.seed)
-    torch.nn.init.zeros_(components.transformer.proj_out.weight)  # start as the zero velocity: stable early steps
+    if init == "shipped":
+        components = load_teacher(SHIPPED_TEACHER)
+    else:
+        components = models.build_nano(vocabulary(), seed=cfg.seed)
+        torch.nn.init.zeros_(components.transformer.proj_out.weight)  # start as the zero velocity: stable early steps
     components.text_encoder.requires_grad_(False)  # frozen, random init, shipped for reproducibility
     components.transformer.requires_grad_(True)
     components.text_conditioner.requires_grad_(True)
@@ -96,7 +100,7 @@ def train_nano_teacher(out_dir: Path, cfg: FlowMatchingConfig, jitter_seeds: int
                                  log=log, progress=progress)
     load_ema_into(modules, out_dir / "checkpoints")
     components.eval()
-    result.update(render_s=render_s, pool_images=len(pool), jitter_seeds=jitter_seeds)
+    result.update(render_s=render_s, pool_images=len(pool), jitter_seeds=jitter_seeds, init=init)
     return components, result
 
 
@@ -108,6 +112,7 @@ def training_manifest(cfg: FlowMatchingConfig, result: dict) -> dict:
     return {"what": "nano teacher (EMA weights)", "config": asdict(cfg), "steps": result["step"],
             "wall_s": round(result["wall_s"], 1), "final_loss_50": curve[-1] if curve else None,
             "pool_images": result.get("pool_images"), "jitter_seeds": result.get("jitter_seeds"),
+            "init": result.get("init", "scratch"), "previous": result.get("previous"),
             "machine": f"{platform.machine()} x{torch.get_num_threads()} threads, torch {torch.__version__}",
             "loss_curve": {"step": list(range(1, len(curve) + 1, every)), "loss": [round(v, 5) for v in curve[::every]]}}
 
@@ -145,7 +150,8 @@ def teacher_config(params) -> FlowMatchingConfig:
     """The flow-matching settings of the nano teacher, from the `teacher` section of the parameters."""
     t = params.teacher
     return FlowMatchingConfig(steps=t.steps, batch_size=t.batch_size, lr=t.lr, caption_dropout=t.caption_dropout,
-                              logit_std=t.logit_std, time_budget_s=t.minutes * 60, seed=params.run.seed)
+                              logit_mean=t.logit_mean, logit_std=t.logit_std, time_budget_s=t.minutes * 60,
+                              seed=params.run.seed)
 
 
 def main(argv=None):
@@ -160,7 +166,11 @@ def main(argv=None):
     if params.run.threads:
         torch.set_num_threads(params.run.threads)
     cfg = teacher_config(params)
-    components, result = train_nano_teacher(args.out, cfg, jitter_seeds=params.teacher.jitter_seeds)
+    previous = verify_teacher(SHIPPED_TEACHER) if params.teacher.init == "shipped" else None
+    components, result = train_nano_teacher(args.out, cfg, jitter_seeds=params.teacher.jitter_seeds,
+                                            init=params.teacher.init)
+    if previous is not None:  # a fine-tune records what it started from
+        result["previous"] = {k: previous.get(k) for k in ("steps", "wall_s", "final_loss_50", "config", "previous")}
     manifest = training_manifest(cfg, result)
     target = SHIPPED_TEACHER if args.ship else args.out / "teacher"
     save_teacher(components, target, manifest)

@@ -1,0 +1,85 @@
+"""Step distillation of the Anima DiT: rCM (`rcm`), the LCM baseline (`lcm`) and the loop both use (`trainer`).
+
+`run_distill(params, method)` is what 02_distill, the CLI (`anima distill`) and torchrun call: it checks the cache
+against this run's teacher, builds the student from the teacher, and trains (resuming when a checkpoint exists).
+Artifacts: outputs/<run>/checkpoints/<method>/{last/, ema_<iteration>.safetensors, log.jsonl}.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from .. import models
+from .rcm import RCMConfig
+from .trainer import DistillConfig, Distiller, DivergenceError, load_student_weights  # noqa: F401
+
+ROW_NAMES = {"rcm": "student", "scm": "student_scm", "lcm": "student_lcm"}   # gate rows: <name>@<steps>
+
+
+def checkpoint_dir(params, method: str) -> Path:
+    return params.output_path() / "checkpoints" / method
+
+
+def distill_config(params, method: str) -> DistillConfig:
+    d = params.distill
+    rcm_cfg = RCMConfig(guidance_scale=params.sampler.guidance_scale, p_g_mean=d.p_g[0], p_g_std=d.p_g[1],
+                        p_d_mean=d.p_d[0], p_d_std=d.p_d[1], tangent_warmup=d.tangent_warmup,
+                        scm_weight=d.scm_weight, dmd_weight=0.0 if method == "scm" else d.dmd_weight,
+                        max_rollout=d.max_rollout, sigma_max=params.sampler.sigma_max)
+    cfg = DistillConfig(method="rcm" if method == "scm" else method, batch_size=d.batch_size, lr=d.lr,
+                        fake_lr=d.fake_lr, student_every=d.student_every, ema_decay=d.ema_decay,
+                        checkpoint_every=d.checkpoint_every, time_budget_s=d.minutes * 60, seed=params.run.seed,
+                        rcm=rcm_cfg)
+    cfg.lcm.shift = params.sampler.shift
+    cfg.iterations = d.student_steps * (d.student_every if cfg.uses_critic else 1)
+    return cfg
+
+
+def build_distiller(params, method: str, components=None, rank: int = 0, world_size: int = 1,
+                    log_to_file: bool = True) -> Distiller:
+    """Everything a run needs, checked before any training: the cache (built by this teacher), the student (a float32
+    copy of the teacher's DiT, or the checkpoint it resumes from)."""
+    from ..cache import CacheBatches, cache_folder
+    if method not in ROW_NAMES:
+        raise ValueError(f"method {method!r}: allowed {list(ROW_NAMES)}")
+    components = components if components is not None else models.load_components(params)
+    teacher = components.transformer.eval().requires_grad_(False)
+    data = CacheBatches(cache_folder(params), precision=params.cache.precision, seed=params.run.seed,
+                        teacher_sha256=models.weights_digest(teacher))
+    student = copy.deepcopy(teacher).float()
+    folder = checkpoint_dir(params, method)
+    log_path = folder / "log.jsonl"
+
+    def log(record):
+        if log_to_file:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def teacher_fn(x, s, context):
+        return models.transformer_velocity(teacher, x, s, context)
+
+    return Distiller(teacher_fn, student, models.transformer_velocity, data, distill_config(params, method), folder,
+                     rank=rank, world_size=world_size, log=log)
+
+
+def run_distill(params, method: str = "rcm", progress: bool = True, components=None) -> Distiller:
+    """Train (or resume, or find finished) one method; under torchrun every rank calls this."""
+    from ..cache import env_rank
+    rank, world_size = env_rank()
+    if world_size > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+    distiller = build_distiller(params, method, components, rank, world_size)
+    distiller.train(progress=progress)
+    return distiller
+
+
+def load_student(params, components, method: str = "rcm", checkpoint: str = "last") -> torch.nn.Module:
+    """The EMA student of `method` as a transformer next to the teacher's (for the gate and the later notebooks)."""
+    source = checkpoint_dir(params, method) if checkpoint == "last" else Path(checkpoint)
+    return load_student_weights(copy.deepcopy(components.transformer).float(), source)

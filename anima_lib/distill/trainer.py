@@ -1,0 +1,363 @@
+"""The distillation loop: rCM (sCM + DMD), the sCM-only ablation and the LCM baseline share it.
+
+One iteration is a student step or, for rCM, a critic (fake-score) step: iteration i is a student step iff
+i % student_every == 0 (rCM's F = 5 gives 4 critic updates per student update); the other methods always step
+the student. Checkpoints (student, EMA, fake score, LCM target, both optimizers, RNG, data position, logs) are
+written atomically to <dir>/last every `checkpoint_every` iterations, plus the EMA alone as ema_<iteration>.safetensors
+so the gate can score any mid-run student. A run resumes from <dir>/last exactly; a non-finite loss stops training
+and names the term, leaving the last good checkpoint in place.
+Under torchrun every rank takes rows rank::W of each global batch; every random draw is made for the global batch
+(same generator on all ranks) and sliced the same way, and the losses are sums, so gradients are all-reduced by SUM:
+W ranks compute the same update as one process with the whole batch (up to float summation order).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..flow_matching import EMA, _load_optimizer_state, _optimizer_state_tensors
+from ..io import atomic_replace_dir, atomic_write_json
+from . import lcm, rcm
+
+METHODS = ("rcm", "scm", "lcm")
+
+
+class DivergenceError(RuntimeError):
+    """A loss term became NaN/Inf; the message names it and the checkpoint that was kept."""
+
+
+@dataclass
+class DistillConfig:
+    method: str = "rcm"               # rcm | scm (rCM without DMD: the ablation) | lcm (published baseline)
+    iterations: int = 2000            # student + critic steps together, as rCM counts them
+    batch_size: int = 32              # global batch (split across ranks)
+    lr: float = 1e-4                  # student
+    fake_lr: float = 2e-5             # critic: 5x lower, as rCM
+    warmup_steps: int = 100           # linear LR warm-up (optimizer steps of each network)
+    weight_decay: float = 0.01
+    betas: tuple = (0.0, 0.999)
+    student_every: int = 5            # F: one student step per F iterations (rCM); other methods: every iteration
+    ema_decay: float = 0.99
+    checkpoint_every: int = 100
+    time_budget_s: Optional[float] = None
+    seed: int = 0
+    net_dtype: str = "float32"
+    rcm: rcm.RCMConfig = field(default_factory=rcm.RCMConfig)
+    lcm: lcm.LCMConfig = field(default_factory=lcm.LCMConfig)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r}: allowed {list(METHODS)}")
+        if isinstance(self.rcm, dict):
+            self.rcm = rcm.RCMConfig(**self.rcm)
+        if isinstance(self.lcm, dict):
+            self.lcm = lcm.LCMConfig(**self.lcm)
+        self.betas = tuple(self.betas)
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.method == "rcm" and self.rcm.dmd_weight > 0
+
+    def is_student_step(self, iteration: int) -> bool:
+        return not self.uses_critic or iteration % self.student_every == 0
+
+
+ModuleCall = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class DistillState:
+    iteration: int = 0
+    student_steps: int = 0
+    wall_s: float = 0.0
+    history: list = field(default_factory=list)   # one dict per iteration: kind, loss terms, grad norm
+
+
+def _velocity(call: ModuleCall, module: torch.nn.Module):
+    return lambda x, s, context: call(module, x, s, context)
+
+
+def _grad_norm(params) -> float:
+    norms = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def _all_reduce_grads(params) -> None:
+    """Sum gradients over ranks with one flat all-reduce (DDP's job without its forward hooks, which do not fit an
+    rCM step: the student runs several times — sCM forward, rollout — before one backward)."""
+    import torch.distributed as dist
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class Distiller:
+    """Holds the networks, optimizers and RNG of one distillation run; `train()` runs it (resuming if it can)."""
+
+    def __init__(self, teacher_fn: rcm.VelocityFn, student: torch.nn.Module, call: ModuleCall, data,
+                 cfg: DistillConfig, checkpoint_dir: Path, rank: int = 0, world_size: int = 1,
+                 log: Optional[Callable[[dict], None]] = None):
+        self.cfg, self.call, self.data, self.log = cfg, call, data, log
+        self.teacher_fn = teacher_fn
+        self.rank, self.world_size = rank, world_size
+        self.dir = Path(checkpoint_dir)
+        self.net_dtype = getattr(torch, cfg.net_dtype)
+        self.student = student.train().requires_grad_(True)
+        self.fake = copy.deepcopy(student) if cfg.uses_critic else None       # fake score starts as the teacher
+        self.target = copy.deepcopy(student).requires_grad_(False) if cfg.method == "lcm" else None
+        named = dict(self.student.named_parameters())
+        self.ema = EMA(named, cfg.ema_decay)
+        self.opt = torch.optim.AdamW(list(named.values()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.fake_opt = (torch.optim.AdamW(list(self.fake.parameters()), lr=cfg.fake_lr, betas=cfg.betas,
+                                           weight_decay=cfg.weight_decay) if self.fake is not None else None)
+        self.generator = torch.Generator().manual_seed(cfg.seed)   # identical on every rank: draws are global
+        self.state = DistillState()
+        self.fake_steps = 0
+        if (self.dir / "last" / "state.json").is_file():
+            self._load()
+
+    # --- one iteration ------------------------------------------------------------------------------------------------
+
+    def _guided_teacher(self, negative):
+        return rcm.guided(self.teacher_fn, negative, self.cfg.rcm.guidance_scale)
+
+    def _local(self, global_draw: torch.Tensor) -> torch.Tensor:
+        return global_draw[self.rank::self.world_size]
+
+    def _randn_like(self, x):
+        """Noise for this rank's rows, drawn for the whole global batch."""
+        return self._local(torch.randn((self.cfg.batch_size, *x.shape[1:]), generator=self.generator,
+                                       dtype=torch.float64))
+
+    def _times(self, mean: float, std: float) -> torch.Tensor:
+        r = self.cfg.rcm
+        return self._local(rcm.sample_trig_times(self.cfg.batch_size, mean, std, self.generator, r.t_min))
+
+    def _rollout_times(self, steps: int) -> list[torch.Tensor]:
+        return [self._local(t) for t in rcm.rollout_times(steps, self.generator, self.cfg.rcm, self.cfg.batch_size)]
+
+    def _check(self, terms: dict) -> dict:
+        """Stop on a non-finite term. Under torchrun the terms are summed over ranks first, so every rank stops
+        together (and the returned values are the global batch's)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+            values = torch.tensor(list(terms.values()), dtype=torch.float64)
+            dist.all_reduce(values)
+            terms = dict(zip(terms, values.tolist()))
+        for name, value in terms.items():
+            if not math.isfinite(value):
+                kept = self.dir / "last"
+                raise DivergenceError(
+                    f"{name} loss is {value} in iteration {self.state.iteration + 1}; training stopped. The last good "
+                    f"checkpoint is {kept if kept.exists() else '(none written yet)'}"
+                    f"{' (iteration ' + str(self._kept_iteration()) + ')' if kept.exists() else ''}.")
+        return terms
+
+    def _kept_iteration(self):
+        return json.loads((self.dir / "last" / "state.json").read_text())["iteration"]
+
+    def _student_step(self, batch: dict) -> dict:
+        cfg, r = self.cfg, self.cfg.rcm
+        x0, context = batch["x0"].double(), batch["context"]
+        teacher = self._guided_teacher(batch.get("negative"))
+        student_fn = _velocity(self.call, self.student)
+        terms, info = {}, {}
+        if cfg.method == "lcm":
+            target_fn = _velocity(self.call, self.target)
+            grid_index = self._local(torch.randint(cfg.lcm.grid_steps, (cfg.batch_size,), generator=self.generator))
+            loss = lcm.lcm_loss(student_fn, target_fn, teacher, x0.float(), self._randn_like(x0).float(), context,
+                                grid_index, cfg.lcm)
+            terms["lcm"] = loss
+            total = loss
+        else:
+            t = self._times(r.p_g_mean, r.p_g_std)
+            noise = self._randn_like(x0)
+            x_t = rcm._col(torch.cos(t), x0) * x0 + rcm._col(torch.sin(t), x0) * noise
+            warmup = 1.0 if r.tangent_warmup == 0 else min(1.0, self.state.student_steps / r.tangent_warmup)
+            tangent = rcm.scm_tangent(student_fn, teacher, x_t, t, context, warmup, r.tangent_norm, self.net_dtype)
+            terms["scm"] = rcm.scm_loss(student_fn, x_t, t, context, tangent["g_hat"], self.net_dtype)
+            info["g_norm"] = float(tangent["g_norm"].mean())
+            total = r.scm_weight * terms["scm"]
+            if cfg.uses_critic and self.state.student_steps >= r.tangent_warmup:
+                steps = self.state.student_steps % r.max_rollout + 1    # cycles 1..4 as rCM's code does
+                times = self._rollout_times(steps)
+                noises = [self._randn_like(x0) for _ in times]
+                x0_hat = rcm.student_rollout(student_fn, noises, times, context, grad_last=True,
+                                             net_dtype=self.net_dtype)
+                t_d = self._times(r.p_d_mean, r.p_d_std)
+                terms["dmd"], dmd_info = rcm.dmd_loss(x0_hat, t_d, self._randn_like(x0),
+                                                      _velocity(self.call, self.fake), teacher, context,
+                                                      self.net_dtype)
+                info.update(dmd_info, rollout_steps=steps)
+                total = total + r.dmd_weight * terms["dmd"]
+        values = self._check({k: float(v.detach()) for k, v in terms.items()})
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        params = list(self.student.parameters())
+        if self.world_size > 1:
+            _all_reduce_grads(params)
+        info["grad_norm"] = _grad_norm(params)
+        if not math.isfinite(info["grad_norm"]):  # already global (gradients were all-reduced)
+            self._check({"student gradient norm": info["grad_norm"]})
+        self._set_lr(self.opt, cfg.lr, self.state.student_steps)
+        self.opt.step()
+        self.state.student_steps += 1
+        self.ema.update(dict(self.student.named_parameters()), self.state.student_steps)
+        if self.target is not None:
+            with torch.no_grad():
+                for p_target, p in zip(self.target.parameters(), self.student.parameters()):
+                    p_target.lerp_(p.detach(), 1 - cfg.lcm.target_ema)
+        return {"kind": "student", **values, **info}
+
+    def _critic_step(self, batch: dict) -> dict:
+        r = self.cfg.rcm
+        x0, context = batch["x0"], batch["context"]
+        steps = self.fake_steps % r.max_rollout + 1
+        with torch.no_grad():
+            times = self._rollout_times(steps)
+            noises = [self._randn_like(x0) for _ in times]
+            x0_hat = rcm.student_rollout(_velocity(self.call, self.student), noises, times, context, grad_last=False,
+                                         net_dtype=self.net_dtype)
+        t = self._times(r.p_d_mean, r.p_d_std)
+        loss = rcm.critic_loss(_velocity(self.call, self.fake), x0_hat, t, self._randn_like(x0), context,
+                               self.net_dtype)
+        critic_value = self._check({"critic": float(loss.detach())})["critic"]
+        self.fake_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = list(self.fake.parameters())
+        if self.world_size > 1:
+            _all_reduce_grads(params)
+        grad_norm = _grad_norm(params)
+        self._set_lr(self.fake_opt, self.cfg.fake_lr, self.fake_steps)
+        self.fake_opt.step()
+        self.fake_steps += 1
+        return {"kind": "critic", "critic": critic_value, "critic_grad_norm": grad_norm, "rollout_steps": steps}
+
+    def _set_lr(self, optimizer, lr: float, step: int) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+
+    # --- the loop ---------------------------------------------------------------------------------------------------
+
+    def train(self, progress: bool = True, stop_after: Optional[int] = None) -> DistillState:
+        """Run until cfg.iterations (or the time budget, or `stop_after` more iterations: tests use it to 'kill')."""
+        cfg, state = self.cfg, self.state
+        bar = None
+        if progress and self.rank == 0:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.iterations, initial=state.iteration, desc=f"distill {cfg.method}", mininterval=5)
+        started = time.perf_counter() - state.wall_s
+        done_here = 0
+        while state.iteration < cfg.iterations:
+            if cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s:
+                break
+            if stop_after is not None and done_here >= stop_after:
+                return state
+            batch = self.data.batch(state.iteration, cfg.batch_size, self.rank, self.world_size)
+            if cfg.is_student_step(state.iteration):
+                record = self._student_step(batch)
+            else:
+                record = self._critic_step(batch)
+            state.iteration += 1
+            done_here += 1
+            state.wall_s = time.perf_counter() - started
+            record.update(iteration=state.iteration, wall_s=round(state.wall_s, 3))
+            state.history.append(record)
+            if self.log is not None and self.rank == 0:
+                self.log(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("scm", "dmd", "lcm", "critic")},
+                                refresh=False)
+            if state.iteration % cfg.checkpoint_every == 0:
+                self.save()
+        if state.iteration % cfg.checkpoint_every != 0:
+            self.save()
+        if bar is not None:
+            bar.close()
+        return state
+
+    # --- checkpoints ------------------------------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        """Atomic: stage every file, then swap the folder in. Only rank 0 writes (weights and RNG are equal on all
+        ranks, so a run may resume with another number of processes)."""
+        if self.rank != 0:
+            return self.dir / "last"
+        staging = self.dir / ".last.tmp"
+        staging.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in self.student.state_dict().items()},
+                  staging / "student.safetensors")
+        save_file(self.ema.shadow, staging / "ema.safetensors")
+        save_file(_optimizer_state_tensors(self.opt, [n for n, _ in self.student.named_parameters()]),
+                  staging / "optimizer.safetensors")
+        if self.fake is not None:
+            save_file({k: v.detach().contiguous() for k, v in self.fake.state_dict().items()},
+                      staging / "fake_score.safetensors")
+            save_file(_optimizer_state_tensors(self.fake_opt, [n for n, _ in self.fake.named_parameters()]),
+                      staging / "fake_optimizer.safetensors")
+        if self.target is not None:
+            save_file({k: v.detach().contiguous() for k, v in self.target.state_dict().items()},
+                      staging / "lcm_target.safetensors")
+        save_file({"generator": self.generator.get_state()}, staging / "rng.safetensors")
+        atomic_write_json(staging / "state.json", {
+            **asdict(self.state), "fake_steps": self.fake_steps, "world_size": self.world_size,
+            "config": asdict(self.cfg)})
+        atomic_replace_dir(staging, self.dir / "last")
+        snapshot = self.dir / f"ema_{self.state.iteration:06d}.safetensors"
+        save_file(self.ema.shadow, snapshot.with_suffix(".tmp"))
+        snapshot.with_suffix(".tmp").rename(snapshot)
+        return self.dir / "last"
+
+    def _load(self) -> None:
+        last = self.dir / "last"
+        meta = json.loads((last / "state.json").read_text())
+        if meta["config"]["method"] != self.cfg.method:
+            raise ValueError(f"{last}: a {meta['config']['method']} run; this one is {self.cfg.method} "
+                             f"(use another checkpoint folder)")
+        self.student.load_state_dict(load_file(last / "student.safetensors"))
+        self.ema.shadow = load_file(last / "ema.safetensors")
+        _load_optimizer_state(self.opt, [n for n, _ in self.student.named_parameters()],
+                              load_file(last / "optimizer.safetensors"))
+        if self.fake is not None:
+            self.fake.load_state_dict(load_file(last / "fake_score.safetensors"))
+            _load_optimizer_state(self.fake_opt, [n for n, _ in self.fake.named_parameters()],
+                                  load_file(last / "fake_optimizer.safetensors"))
+        if self.target is not None:
+            self.target.load_state_dict(load_file(last / "lcm_target.safetensors"))
+        self.generator.set_state(load_file(last / "rng.safetensors")["generator"])
+        self.fake_steps = meta["fake_steps"]
+        self.state = DistillState(iteration=meta["iteration"], student_steps=meta["student_steps"],
+                                  wall_s=meta["wall_s"], history=meta["history"])
+
+
+def load_student_weights(module: torch.nn.Module, checkpoint: Path, which: str = "ema") -> torch.nn.Module:
+    """Load a student into `module` (a copy of the teacher's transformer): `checkpoint` is a run's checkpoint folder
+    (its last EMA / raw student), or one ema_<iteration>.safetensors file."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_file():
+        path = checkpoint
+    else:
+        path = checkpoint / "last" / ("ema.safetensors" if which == "ema" else "student.safetensors")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no student checkpoint; run notebook 02_distill first")
+    weights = load_file(path)
+    missing = set(dict(module.named_parameters())) - set(weights)
+    if missing:
+        raise ValueError(f"{path}: does not fit this transformer (missing {sorted(missing)[:3]}...)")
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(weights[name].to(p.dtype))
+    return module.eval().requires_grad_(False)
