@@ -48,3 +48,28 @@ def metric_vs_steps(rows: dict[str, dict[str, float]], metric: str, title: str =
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def training_curves(history: list[dict], panels: dict[str, Sequence[str]], window: int = 20, title: str = ""):
+    """One panel per entry of `panels` ({"losses": ["scm", "dmd"], ...}); each key is plotted against the iteration
+    where it was logged, raw (faint) and as a running mean over `window` points, on a log y-axis."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.0), squeeze=False)
+    for ax, (panel, keys) in zip(axes[0], panels.items()):
+        for key in keys:
+            points = [(h["iteration"], h[key]) for h in history if key in h and h[key] is not None]
+            if not points:
+                continue
+            x = [p[0] for p in points]
+            y = torch.tensor([abs(p[1]) for p in points], dtype=torch.float64)
+            smooth = torch.nn.functional.avg_pool1d(y[None, None], min(window, len(y)), stride=1)[0, 0]
+            line, = ax.plot(x, y.tolist(), alpha=0.25, linewidth=0.8)
+            ax.plot(x[len(x) - len(smooth):], smooth.tolist(), color=line.get_color(), label=key)
+        ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_title(panel, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -7,7 +7,8 @@ which writes outputs/<run>/metrics/<NN_name>.json. Status is then
     pass     the notebook ran and its checks passed
     fail     the notebook ran and a check failed (passed=False)
     error    an exception, a dead kernel, or no metrics file written
-    skipped  a notebook it needs did not pass (or it does not apply to the preset)
+    skipped  a notebook it needs errored or was skipped (or it does not apply to the preset); after a "fail" the
+             artifacts exist, so dependents run and report (the run's exit code is 1 either way)
 The gathered reports/<date>/<run>/metrics.json is {notebook: {status, wall_s, rows, verdict, ...}}; rows are named
 "<model>@<steps>" (teacher@20, student@1, student_q4@4, ...) -> {metric: value}.
 """
@@ -47,7 +48,7 @@ PIPELINE = (
     Step("02_distill", needs=("01_cache",)),
     Step("03_deturbo", needs=("02_distill",)),
     Step("04_quantize", needs=("02_distill",)),
-    Step("05_quality_gate", needs=("00_nano_teacher",)),
+    Step("05_quality_gate", needs=("00_nano_teacher", "02_distill")),
     Step("06_lora_survival", needs=("03_deturbo",)),
 )
 
@@ -243,7 +244,8 @@ def run_pipeline(preset: str, overrides: Optional[list[str]] = None, only: Optio
     results = []
     started = time.perf_counter()
     for index, step in enumerate(selected, 1):
-        blocked = [n for n in step.needs if n in status and status[n] != "pass"]
+        # a "fail" left its artifacts (checks missed), so what needs it still runs and reports; error/skip blocks
+        blocked = [n for n in step.needs if n in status and status[n] in ("error", "skipped")]
         if step.presets is not None and params.model.preset not in step.presets:
             result = {"name": step.name, "status": "skipped", "wall_s": None, "applies": False,
                       "verdict": f"does not apply to model.preset={params.model.preset}"}

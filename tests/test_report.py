@@ -78,10 +78,12 @@ def test_error_keeps_html_skips_dependents_and_exits_nonzero(tmp_path, preset):
     assert "the teacher exploded" in (day / "t" / "00_a.html").read_text()
 
 
-def test_failed_check_is_fail_not_error(tmp_path, preset):
+def test_failed_check_is_fail_not_error_and_dependents_still_report(tmp_path, preset):
     make_notebook(tmp_path, "00_a", metrics_code("00_a", passed=False))
-    code, _, notebooks, _ = run(tmp_path, preset, (Step("00_a"),))
+    make_notebook(tmp_path, "01_b", metrics_code("01_b"))
+    code, _, notebooks, _ = run(tmp_path, preset, (Step("00_a"), Step("01_b", needs=("00_a",))))
     assert code == 1 and notebooks["00_a"]["status"] == "fail"
+    assert notebooks["01_b"]["status"] == "pass"  # a fail leaves artifacts: what needs it runs (the run still fails)
 
 
 def test_no_metrics_file_is_an_error(tmp_path, preset):
