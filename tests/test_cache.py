@@ -181,3 +181,29 @@ def test_two_process_gloo_run_equals_one_process(tmp_path):
     assert manifest_a["shards"] == manifest_b["shards"] and not list(b.glob("manifest.rank*"))
     verify = subprocess.run([str(bin_dir / "anima"), "cache", "verify", str(b)], capture_output=True, text=True)
     assert verify.returncode == 0 and "3/3 shards verified" in verify.stdout
+
+
+def test_distillation_reader_is_deterministic_and_matches_the_shards(built):
+    folder, _ = built
+    reader = cache.CacheBatches(folder, precision="q8_0", seed=3)
+    first, again = reader.batch(4, 3), cache.CacheBatches(folder, precision="q8_0", seed=3).batch(4, 3)
+    assert all(torch.equal(first[k], again[k]) for k in ("x0", "context", "negative"))
+    rows = [reader.rows[i] for i in reader.indices(4, 3)]
+    for k, (file, row) in enumerate(rows):
+        stored = load_file(folder / file)
+        assert torch.equal(first["x0"][k], stored["x0"][row].float())
+        assert torch.equal(first["context"][k], stored["context.q8_0"][row].float())
+    halves = [reader.batch(4, 3, rank=r, world_size=2)["x0"] for r in (0, 1)]
+    assert torch.equal(halves[0], first["x0"][0::2]) and torch.equal(halves[1], first["x0"][1::2])
+    epoch = [i for b in range(5) for i in reader.indices(b, 1)]  # 5 prompts: one epoch is a permutation
+    assert sorted(epoch) == list(range(5))
+
+
+def test_distillation_reader_refuses_missing_or_foreign_caches(built, tmp_path):
+    folder, _ = built
+    with pytest.raises(cache.CacheError, match="run notebook 01_cache first"):
+        cache.CacheBatches(tmp_path / "nothing")
+    with pytest.raises(cache.CacheError, match="built by another teacher .* re-run notebook 01_cache"):
+        cache.CacheBatches(folder, teacher_sha256="0123456789abcdef")
+    with pytest.raises(cache.CacheError, match="precision 'int4'.*01_cache"):
+        cache.CacheBatches(folder, precision="int4")

@@ -71,7 +71,12 @@ def test_unknown_section(tmp_path):
     ("sampler.student_mid_times=[1.0,1.3,0.6]", r"decreasing TrigFlow times"),
     ("gate.image_size=20", r"multiple of 16"),
     ("model.nano_weights=/nonexistent/teacher", r"no such folder"),
-    ("distill.steps=200", r"unknown section 'distill'"),
+    ("distll.steps=200", r"unknown section 'distll'"),
+    ("distill.steps=200", r"unknown key distill.steps; allowed keys in 'distill'"),
+    ("distill.baselines=[scm,ladd]", r"distill.baselines = \['scm', 'ladd'\] each entry must be one of \['scm', 'lcm'\]"),
+    ("distill.lr=0", r"distill.lr = 0.0 must be > 0"),
+    ("distill.p_g=[-0.8]", r"distill.p_g = \[-0.8\] must be \[mean, std\]"),
+    ("distill.checkpoint=/no/such/ema.safetensors", r"distill.checkpoint = .* no such file"),
     ("gate=3", r"the key must be section.key"),
     ("sampler.teacher_steps=30", r"gate.teacher_steps = \[1, 2, 4, 20\] must include sampler.teacher_steps = 30"),
 ])
