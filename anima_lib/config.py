@@ -191,6 +191,20 @@ class DistillParams:
 
 
 @dataclass
+class QuantParams:
+    bits: int = _spec(4, help="MLX-affine bits of the DiT's default layers", allowed=(3, 4, 8))
+    group_size: int = _spec(32, help="MLX-affine group size (consecutive input features sharing a scale and bias)",
+                            allowed=(32, 64, 128))
+    method: str = _spec("search", help="'minmax' (exactly mlx.core.quantize), 'rerround' (codes re-chosen with the "
+                                       "stored scale/bias) or 'search' (clip search + least-squares refit)",
+                        allowed=("minmax", "rerround", "search"))
+    sensitivity_threshold: float = _spec(
+        0.999, help="a layer whose single-layer output cosine at the default format is below this goes to 8 bits",
+        check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]")
+    text_encoder: str = _spec("q8_0", help="text encoder format on the phone", allowed=("q8_0",))
+
+
+@dataclass
 class Params:
     run: RunParams = field(default_factory=RunParams)
     model: ModelParams = field(default_factory=ModelParams)
@@ -199,6 +213,7 @@ class Params:
     teacher: TeacherParams = field(default_factory=TeacherParams)
     cache: CacheParams = field(default_factory=CacheParams)
     distill: DistillParams = field(default_factory=DistillParams)
+    quant: QuantParams = field(default_factory=QuantParams)
     source: str = "<defaults>"  # the file the values came from, for messages
 
     def to_dict(self) -> dict:
@@ -219,7 +234,8 @@ def _resolve(p: str) -> Path:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Params) if f.name != "source"}
 _SECTION_CLASSES = {"run": RunParams, "model": ModelParams, "sampler": SamplerParams, "gate": GateParams,
-                    "teacher": TeacherParams, "cache": CacheParams, "distill": DistillParams}
+                    "teacher": TeacherParams, "cache": CacheParams, "distill": DistillParams,
+                    "quant": QuantParams}
 
 
 def _type_ok(value, annotation) -> bool:

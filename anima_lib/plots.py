@@ -73,3 +73,39 @@ def training_curves(history: list[dict], panels: dict[str, Sequence[str]], windo
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def stacked_bars(rows: dict[str, dict[str, float]], parts: Sequence[str], budgets: dict[str, float], unit: str = "GB",
+                 title: str = ""):
+    """One horizontal bar per row, stacked by `parts`; vertical lines at each budget."""
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.2))
+    names = list(rows)
+    left = [0.0] * len(names)
+    for part in parts:
+        values = [rows[n][part] for n in names]
+        ax.barh(names, values, left=left, label=part)
+        left = [a + b for a, b in zip(left, values)]
+    for label, value in budgets.items():
+        ax.axvline(value, color="black", linestyle="--", linewidth=1)
+        ax.text(value, len(names) - 0.4, f" {label}", fontsize=8, va="bottom")
+    ax.invert_yaxis()
+    ax.set_xlabel(unit)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def sorted_values(values: dict[str, float], title: str = "", ylabel: str = "", threshold: Optional[float] = None):
+    """A bar per key, sorted ascending (e.g. per-layer sensitivity); an optional horizontal threshold."""
+    items = sorted(values.items(), key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(items)), 3.2))
+    ax.bar(range(len(items)), [v for _, v in items])
+    if threshold is not None:
+        ax.axhline(threshold, color="red", linestyle="--", linewidth=1)
+    step = max(1, len(items) // 12)
+    ax.set_xticks(range(0, len(items), step), [k for k, _ in items][::step], rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig

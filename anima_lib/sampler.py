@@ -67,12 +67,13 @@ def euler_sample(velocity_fn: VelocityFn, noise: torch.Tensor, sigmas: torch.Ten
 
 @torch.no_grad()
 def consistency_sample(velocity_fn: VelocityFn, noises: Sequence[torch.Tensor], trig_times: Sequence[float],
-                       context: torch.Tensor = None) -> torch.Tensor:
+                       context: torch.Tensor = None, trace: Optional[list] = None) -> torch.Tensor:
     """Few-step student sampler (rCM): one network call per step, no CFG, fresh noise between steps.
 
     trig_times = flow.student_trig_times(k, ...) has k+1 entries ending in 0; noises has k tensors: noises[0] starts
     the chain (x = s0 * eps, the RF state at s0 with the (1-s0)*x0 term dropped, as rCM's samplers do) and noises[i]
-    re-noises the i-th x0 estimate to time trig_times[i].
+    re-noises the i-th x0 estimate to time trig_times[i]. With `trace` (a list), every step appends
+    {"x": network input, "sigma", "velocity", "x0": the step's x0 estimate} (what parity fixtures record).
     """
     num_steps = len(trig_times) - 1
     if num_steps < 1 or trig_times[-1] != 0.0:
@@ -83,7 +84,10 @@ def consistency_sample(velocity_fn: VelocityFn, noises: Sequence[torch.Tensor], 
     x = rf_times[0] * noises[0]
     for k in range(num_steps):
         sigma = torch.full((x.shape[0],), rf_times[k], dtype=x.dtype, device=x.device)
-        x0_estimate = flow.velocity_to_x0(x, velocity_fn(x, sigma, context), rf_times[k])
+        velocity = velocity_fn(x, sigma, context)
+        x0_estimate = flow.velocity_to_x0(x, velocity, rf_times[k])
+        if trace is not None:
+            trace.append({"x": x, "sigma": sigma, "velocity": velocity, "x0": x0_estimate})
         if k + 1 == num_steps:
             return x0_estimate
         x = flow.rf_noisy(x0_estimate, noises[k + 1], rf_times[k + 1])
