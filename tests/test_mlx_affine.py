@@ -118,3 +118,24 @@ def test_packed_checkpoint_round_trip_and_mismatch_error(tmp_path):
     (tmp_path / "q" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="layer fc1: config says 8-bit group 32"):
         packed.load_packed(tmp_path / "q", lambda cfg: Tiny())
+
+
+def test_ledger_predicts_the_packed_file_and_counts_the_real_anima():
+    from anima_lib import models
+    from anima_lib.quant import ledger
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Linear(512, 256), torch.nn.LayerNorm(256))
+    policy = {"bits": 4, "group_size": 32, "layers": {"1": {"bits": 8, "group_size": 64}}}
+    predicted = ledger.module_bytes(model, policy)["bytes"]
+    quantized, chosen, kept = packed.quantize_model(copy.deepcopy(model), policy)
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        packed.save_packed(quantized, Path(tmp), policy, chosen, kept)
+        size = (Path(tmp) / packed.WEIGHTS).stat().st_size
+    assert predicted <= size <= predicted + 4096   # the safetensors header is the only difference
+    rows = ledger.anima_ledger({"bf16": {"transformer": "bf16", "text_encoder": "bf16", "text_conditioner": "bf16",
+                                         "vae_decoder": "bf16"},
+                                "planned": ledger.SCENARIOS["planned: DiT 4-bit g32 policy, TE Q8_0"]})
+    assert rows["bf16"]["transformer"] == 2 * models.ANIMA_2B_TRANSFORMER_PARAMS
+    assert rows["planned"]["total_GB"] < 2.5 and rows["planned"]["total_GiB"] == pytest.approx(
+        rows["planned"]["total_GB"] * 1e9 / 2 ** 30)
