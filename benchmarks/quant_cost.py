@@ -115,6 +115,17 @@ def main():
     if not args.skip_baseline:
         results["load bf16 + quantize at load"] = load("bf16", bf16_path)
 
+    # the nano teacher's DiT (the student has its shape) packed with the same policy
+    import tempfile
+    from anima_lib import config, models
+    from anima_lib.quant import ledger, packed
+    nano = models.load_components(config.load_config("nano")).transformer
+    nano_bf16 = 2 * sum(p.numel() for p in nano.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        nano_q, chosen, kept = packed.quantize_model(nano, ledger.DIT_POLICY)
+        packed.save_packed(nano_q, Path(tmp), ledger.DIT_POLICY, chosen, kept)
+        results["nano DiT packed / bf16"] = (Path(tmp) / packed.WEIGHTS).stat().st_size / nano_bf16
+
     # one 2048 x 8192 layer (the MLP down projection's shape): dequantize + matmul vs bf16 matmul
     generator = torch.Generator().manual_seed(1)
     weight = torch.randn(2048, 8192, generator=generator).mul_(0.02).to(torch.bfloat16)

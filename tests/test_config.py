@@ -71,6 +71,8 @@ def test_unknown_section(tmp_path):
     ("sampler.student_mid_times=[1.0,1.3,0.6]", r"decreasing TrigFlow times"),
     ("gate.image_size=20", r"multiple of 16"),
     ("model.nano_weights=/nonexistent/teacher", r"no such folder"),
+    ("quant.bits=5", r"quant.bits = 5 is not allowed; allowed: \[3, 4, 8\]"),
+    ("quant.group_size=16", r"quant.group_size = 16 is not allowed; allowed: \[32, 64, 128\]"),
     ("distll.steps=200", r"unknown section 'distll'"),
     ("distill.steps=200", r"unknown key distill.steps; allowed keys in 'distill'"),
     ("distill.baselines=[scm,ladd]", r"distill.baselines = \['scm', 'ladd'\] each entry must be one of \['scm', 'lcm'\]"),
