@@ -262,6 +262,11 @@ def run_pipeline(preset: str, overrides: Optional[list[str]] = None, only: Optio
             + (f" in {result['wall_s']:.1f} s" if result.get("wall_s") else "") + f" — {result.get('verdict', '')}")
         results.append(result)
     total_s = time.perf_counter() - started
+    if only and (run_dir / "summary.json").is_file():  # --only re-runs some notebooks: keep the others' last results
+        earlier = {r["name"]: r for r in json.loads((run_dir / "summary.json").read_text()).get("notebooks", [])}
+        now = {r["name"]: r for r in results}
+        results = [now.get(s.name) or {**earlier[s.name], "earlier_invocation": True}
+                   for s in pipeline if s.name in now or s.name in earlier]
     overall = "pass" if all(r["status"] == "pass" or r.get("applies") is False for r in results) else "fail"
     gathered = {r["name"]: {k: r.get(k) for k in ("status", "wall_s", "rows", "verdict", "headline")} for r in results}
     atomic_write_json(run_dir / "metrics.json", gathered)

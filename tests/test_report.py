@@ -98,8 +98,11 @@ def test_only_and_preset_scoping(tmp_path, preset):
     steps = (Step("00_a", presets=("anima-2b",)), Step("01_b", needs=("00_a",)))
     code, _, notebooks, _ = run(tmp_path, preset, steps)
     assert code == 0 and notebooks["00_a"]["status"] == "skipped" and notebooks["01_b"]["status"] == "pass"
-    code, _, notebooks, _ = run(tmp_path, preset, steps, only=["01_b"])
-    assert list(notebooks) == ["01_b"]
+    code, day, notebooks, _ = run(tmp_path, preset, steps, only=["01_b"])
+    assert notebooks["01_b"]["status"] == "pass" and "earlier_invocation" not in notebooks["01_b"]
+    # the notebook not re-run keeps its earlier result in the run's summary and metrics
+    assert notebooks["00_a"]["status"] == "skipped" and notebooks["00_a"]["earlier_invocation"]
+    assert set(json.loads((day / "t" / "metrics.json").read_text())) == {"00_a", "01_b"}
 
 
 def test_unknown_only_is_a_parameter_error(tmp_path, preset):

@@ -117,6 +117,15 @@ def training_manifest(cfg: FlowMatchingConfig, result: dict) -> dict:
             "loss_curve": {"step": list(range(1, len(curve) + 1, every)), "loss": [round(v, 5) for v in curve[::every]]}}
 
 
+def training_chain(manifest: dict) -> list[dict]:
+    """The teacher's training runs, oldest first (a fine-tune records the run it started from under "previous")."""
+    chain, run = [], manifest
+    while run:
+        chain.append(run)
+        run = run.get("previous")
+    return chain[::-1]
+
+
 def save_teacher(components: models.AnimaComponents, folder: Path, manifest: dict) -> Path:
     folder = save_diffusers_folder(components, folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
