@@ -21,16 +21,10 @@ from safetensors.torch import load_file, save_file
 from . import flow, models, sampler, text
 from .io import atomic_write_json
 from .quant.packed import QuantizedLinear
+from .text import worst_row_cosine
 
 WORST_ROW_COSINE_GATE = 0.9999
 INDEX = "index.json"
-
-
-def worst_row_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The smallest cosine over rows (last axis), skipping rows that are zero in both."""
-    a2, b2 = a.reshape(-1, a.shape[-1]).double(), b.reshape(-1, b.shape[-1]).double()
-    live = (a2.abs().sum(1) > 0) | (b2.abs().sum(1) > 0)
-    return float(torch.nn.functional.cosine_similarity(a2[live], b2[live], dim=1).min())
 
 
 def _latent_rows(x: torch.Tensor) -> torch.Tensor:

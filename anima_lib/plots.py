@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 import matplotlib.pyplot as plt
 import torch
 
+from .flow_matching import smoothed
+
 
 def image_grid(rows: Sequence[torch.Tensor], row_labels: Sequence[str], col_labels: Optional[Sequence[str]] = None,
                title: str = "", cell_inches: float = 1.1):
@@ -59,11 +61,9 @@ def training_curves(history: list[dict], panels: dict[str, Sequence[str]], windo
             points = [(h["iteration"], h[key]) for h in history if key in h and h[key] is not None]
             if not points:
                 continue
-            x = [p[0] for p in points]
-            y = torch.tensor([abs(p[1]) for p in points], dtype=torch.float64)
-            smooth = torch.nn.functional.avg_pool1d(y[None, None], min(window, len(y)), stride=1)[0, 0]
-            line, = ax.plot(x, y.tolist(), alpha=0.25, linewidth=0.8)
-            ax.plot(x[len(x) - len(smooth):], smooth.tolist(), color=line.get_color(), label=key)
+            x, y = [p[0] for p in points], [abs(p[1]) for p in points]
+            line, = ax.plot(x, y, alpha=0.25, linewidth=0.8)
+            ax.plot(x, smoothed(y, window), color=line.get_color(), label=key)
         ax.set_yscale("log")
         ax.set_xlabel("iteration")
         ax.set_title(panel, fontsize=10)
