@@ -85,9 +85,9 @@ def stacked_bars(rows: dict[str, dict[str, float]], parts: Sequence[str], budget
         values = [rows[n][part] for n in names]
         ax.barh(names, values, left=left, label=part)
         left = [a + b for a, b in zip(left, values)]
-    for label, value in budgets.items():
+    for i, (label, value) in enumerate(budgets.items()):  # labels on separate lines so close budgets stay legible
         ax.axvline(value, color="black", linestyle="--", linewidth=1)
-        ax.text(value, len(names) - 0.4, f" {label}", fontsize=8, va="bottom")
+        ax.text(value, -0.6 - 0.45 * i, f" {label}", fontsize=8, va="bottom")
     ax.invert_yaxis()
     ax.set_xlabel(unit)
     ax.set_title(title, fontsize=10)
