@@ -195,7 +195,7 @@ class QuantParams:
     bits: int = _spec(4, help="MLX-affine bits of the DiT's default layers", allowed=(3, 4, 8))
     group_size: int = _spec(32, help="MLX-affine group size (consecutive input features sharing a scale and bias)",
                             allowed=(32, 64, 128))
-    method: str = _spec("rerround", help="'minmax' (exactly mlx.core.quantize), 'rerround' (codes re-chosen with the "
+    method: str = _spec("search", help="'minmax' (exactly mlx.core.quantize), 'rerround' (codes re-chosen with the "
                                        "stored scale/bias) or 'search' (clip search + least-squares refit)",
                         allowed=("minmax", "rerround", "search"))
     sensitivity_threshold: float = _spec(
