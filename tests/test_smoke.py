@@ -20,9 +20,12 @@ def test_anima_run_smoke_preset(tmp_path):
     statuses = {name: nb["status"] for name, nb in gathered.items()}
     assert set(statuses.values()) <= {"pass", "fail"}, (statuses, result.stdout[-3000:])
     assert result.returncode == (0 if set(statuses.values()) == {"pass"} else 1)
-    assert statuses["00_nano_teacher"] == "pass"
+    assert statuses["00_nano_teacher"] == "pass" and statuses["04_quantize"] == "pass"
+    assert set(statuses) >= {"00_nano_teacher", "01_cache", "02_distill", "04_quantize", "05_quality_gate"}
     rows = gathered["05_quality_gate"]["rows"]
-    assert set(rows) == {"renderer", "teacher@1", "teacher@20"} and rows["teacher@20"]["rmse_to_reference"] == 0
+    students = {f"{m}@{k}" for m in ("student", "student_scm", "student_lcm", "student_q4") for k in (1, 2, 4)}
+    assert set(rows) == {"renderer", "teacher@1", "teacher@20"} | students
+    assert rows["teacher@20"]["rmse_to_reference"] == 0
     assert rows["renderer"]["alignment"] > rows["teacher@1"]["alignment"]
     page = (day / "smoke" / "05_quality_gate.html").read_text()
     assert page.count("data:image/png;base64,") >= 2   # same-seed grid and the steps plot
