@@ -377,19 +377,16 @@ class CacheBatches:
         """{"x0" [b,...] float32, "context" [b,L,D] float32, "negative" [1,L,D] float32}; rank r takes rows r::W."""
         from safetensors import safe_open
         rows = [self.rows[i] for i in self.indices(batch_index, batch_size)][rank::world_size]
-        x0, context, negative = [], [], None
-        for file in dict.fromkeys(f for f, _ in rows):
-            ks = [k for f, k in rows if f == file]
+        read, negative = {}, None
+        for file in dict.fromkeys(f for f, _ in rows):  # each shard opened once
             with safe_open(self.folder / file, framework="pt") as f:
                 x0_all, ctx_all = f.get_slice("x0"), f.get_slice(f"context.{self.precision}")
-                for k in ks:
-                    x0.append(x0_all[k:k + 1].float())
-                    context.append(ctx_all[k:k + 1].float())
+                for _, k in (row for row in rows if row[0] == file):
+                    read[file, k] = (x0_all[k:k + 1].float(), ctx_all[k:k + 1].float())
                 if negative is None:
                     negative = f.get_tensor(f"negative.{self.precision}").float()
-        order = [i for f in dict.fromkeys(f for f, _ in rows) for i, (g, _) in enumerate(rows) if g == f]
-        inverse = sorted(range(len(order)), key=lambda j: order[j])
-        return {"x0": torch.cat(x0)[inverse], "context": torch.cat(context)[inverse], "negative": negative}
+        return {"x0": torch.cat([read[row][0] for row in rows]),
+                "context": torch.cat([read[row][1] for row in rows]), "negative": negative}
 
 
 def env_rank() -> tuple[int, int]:
