@@ -63,8 +63,9 @@ class EMA:
             self.shadow[k].lerp_(v.detach().float(), 1 - decay)
 
 
-def _lr_at(step: int, cfg: FlowMatchingConfig) -> float:
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+def warmup_lr(lr: float, warmup_steps: int, step: int) -> float:
+    """Linear warm-up over `warmup_steps` optimizer steps, then constant (both trainers use it)."""
+    return lr * min(1.0, (step + 1) / max(1, warmup_steps))
 
 
 def _optimizer_state_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
@@ -135,7 +136,7 @@ def train_flow_matching(modules: dict[str, torch.nn.Module], velocity_fn: Callab
         if cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s:
             break
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, cfg)
+            group["lr"] = warmup_lr(cfg.lr, cfg.warmup_steps, step)
         x0, context = batches(step, generator)
         drop = torch.rand(len(x0), generator=generator) < cfg.caption_dropout
         context = torch.where(drop[:, None, None], empty_context.expand_as(context), context)

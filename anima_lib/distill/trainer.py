@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..flow_matching import EMA, _load_optimizer_state, _optimizer_state_tensors
+from ..flow_matching import EMA, _load_optimizer_state, _optimizer_state_tensors, warmup_lr
 from ..io import atomic_replace_dir, atomic_write_json
 from . import lcm, rcm
 
@@ -247,7 +247,7 @@ class Distiller:
 
     def _set_lr(self, optimizer, lr: float, step: int) -> None:
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+            group["lr"] = warmup_lr(lr, self.cfg.warmup_steps, step)
 
     # --- the loop ---------------------------------------------------------------------------------------------------
 
