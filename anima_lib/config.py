@@ -75,6 +75,10 @@ def _trig_mid_times(values):
 @dataclass
 class RunParams:
     name: str = _spec("nano", help="run name: artifacts go to <output_dir>/<name>, reports to <report_dir>/<date>/<name>")
+    tag: str = _spec("", help="label of an ad hoc run (e.g. 06 with another style folder or rank): its report goes "
+                               "to <report_dir>/<date>/<name>-<tag>; artifacts are still read from <output_dir>/<name>",
+                     check=lambda v: None if all(c.isalnum() or c in "._-" for c in v) else
+                     "may only hold letters, digits, '.', '_' and '-'")
     output_dir: str = _spec("outputs", help="root folder for run artifacts (relative paths are from the repo root)")
     report_dir: str = _spec("reports", help="root folder for dated HTML reports")
     seed: int = _spec(0, help="master seed; every random draw derives from it", check=_non_negative)
@@ -204,6 +208,69 @@ class QuantParams:
     text_encoder: str = _spec("q8_0", help="text encoder format on the phone", allowed=("q8_0",))
 
 
+def _fraction(v):
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def _lora_rank(v):
+    # nano's narrowest target (cross-attention keys read the 64-wide context) bounds a useful rank; 2B allows more
+    return None if 1 <= v <= 512 else "must be between 1 and 512 (a LoRA rank is a small positive integer)"
+
+
+def _strengths(values):
+    if not values or any(not (0 < v <= 4) for v in values) or len(set(values)) != len(values):
+        return "must be a non-empty list of distinct strengths in (0, 4]"
+    return None
+
+
+@dataclass
+class DeturboParams:
+    rank: int = _spec(64, help="LoRA rank of the De-Turbo adapter A on the student's attention and MLP linears",
+                      check=_lora_rank)
+    alpha: float = _spec(64.0, help="LoRA alpha (scale = alpha / rank)", check=lambda v: None if 0 < v <= 4096
+                         else "must be in (0, 4096]")
+    init: str = _spec("svd", help="'svd' (A starts as the rank-r SVD of teacher - student weights on its targets) "
+                                  "or 'zeros' (peft's default: A starts as no change)", allowed=("svd", "zeros"))
+    steps: int = _spec(1500, help="optimizer steps", check=_positive)
+    minutes: float = _spec(8.0, help="time budget (stops after a checkpoint)", check=_positive)
+    batch_size: int = _spec(32, help="examples per step", check=_positive)
+    lr: float = _spec(5e-4, help="AdamW learning rate of the adapter", check=_positive)
+    caption_dropout: float = _spec(0.15, help="fraction of examples whose context (and target) is the negative "
+                                              "prompt's, so CFG works on student+A", check=_fraction)
+    student_fraction: float = _spec(0.25, help="fraction of each batch from the student's own 4-step samples (the "
+                                               "rest: the cache's teacher latents)", check=_fraction)
+    uniform_fraction: float = _spec(0.1, help="fraction of training times drawn uniformly (coverage of the ends)",
+                                    check=_fraction)
+    student_samples: int = _spec(512, help="4-step student samples drawn once on the cache prompts for the mix",
+                                 check=_positive)
+    checkpoint_every: int = _spec(100, help="steps between atomic checkpoints", check=_positive)
+
+
+@dataclass
+class LoraParams:
+    style_folder: Optional[str] = _spec(
+        None, help="style data: a folder of images with same-name .txt captions; null = the nano renderer's style mode "
+                   "written to outputs/<run>/style_data")
+    style_images: int = _spec(256, help="nano style data: images rendered in 'our style' (prompts x 2 jitter seeds)",
+                              check=_positive)
+    ways: list[str] = _spec(help="which LoRAs 06 trains: 'teacher' (on the teacher), 'deturbo' (on student+A), "
+                                 "'student' (directly on the student)", check=_each_in(("teacher", "deturbo", "student")),
+                            default_factory=lambda: ["teacher", "deturbo", "student"])
+    rank: int = _spec(8, help="style LoRA rank", check=_lora_rank)
+    alpha: float = _spec(8.0, help="style LoRA alpha (scale = alpha / rank)",
+                         check=lambda v: None if 0 < v <= 4096 else "must be in (0, 4096]")
+    steps: int = _spec(600, help="optimizer steps per LoRA (each way gets the same)", check=_positive)
+    minutes: float = _spec(5.0, help="time budget per LoRA (stops after a checkpoint)", check=_positive)
+    batch_size: int = _spec(32, help="images per step", check=_positive)
+    lr: float = _spec(1e-3, help="AdamW learning rate", check=_positive)
+    caption_dropout: float = _spec(0.1, help="fraction of empty-prompt examples (CFG on the teacher+LoRA)",
+                                   check=_fraction)
+    strength: float = _spec(1.0, help="LoRA strength of the main comparison rows", check=lambda v: _strengths([v]))
+    strengths: list[float] = _spec(help="the strength sweep of 06", check=_strengths,
+                                   default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
+    checkpoint_every: int = _spec(100, help="steps between atomic checkpoints", check=_positive)
+
+
 @dataclass
 class Params:
     run: RunParams = field(default_factory=RunParams)
@@ -214,6 +281,8 @@ class Params:
     cache: CacheParams = field(default_factory=CacheParams)
     distill: DistillParams = field(default_factory=DistillParams)
     quant: QuantParams = field(default_factory=QuantParams)
+    deturbo: DeturboParams = field(default_factory=DeturboParams)
+    lora: LoraParams = field(default_factory=LoraParams)
     source: str = "<defaults>"  # the file the values came from, for messages
 
     def to_dict(self) -> dict:
@@ -226,6 +295,9 @@ class Params:
     def report_root(self) -> Path:
         return _resolve(self.run.report_dir)
 
+    def report_name(self) -> str:
+        return f"{self.run.name}-{self.run.tag}" if self.run.tag else self.run.name
+
 
 def _resolve(p: str) -> Path:
     path = Path(os.path.expanduser(p))
@@ -235,7 +307,7 @@ def _resolve(p: str) -> Path:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Params) if f.name != "source"}
 _SECTION_CLASSES = {"run": RunParams, "model": ModelParams, "sampler": SamplerParams, "gate": GateParams,
                     "teacher": TeacherParams, "cache": CacheParams, "distill": DistillParams,
-                    "quant": QuantParams}
+                    "quant": QuantParams, "deturbo": DeturboParams, "lora": LoraParams}
 
 
 def _type_ok(value, annotation) -> bool:
@@ -361,6 +433,9 @@ def load_config(preset: str | os.PathLike = "nano", overrides: list[str] | dict 
     if params.sampler.teacher_steps not in params.gate.teacher_steps:
         raise ConfigError(f"{source}: gate.teacher_steps = {params.gate.teacher_steps} must include "
                           f"sampler.teacher_steps = {params.sampler.teacher_steps} (the gate's reference row)")
+    if params.lora.style_folder is not None and not _resolve(params.lora.style_folder).is_dir():
+        raise ConfigError(f"{source}: lora.style_folder = {params.lora.style_folder!r}: no such folder (a folder of "
+                          f"images with same-name .txt captions, or null for the nano renderer's style mode)")
     if check_paths:
         _check_model_paths(params)
         _check_writable(params)

@@ -32,6 +32,7 @@ class FlowMatchingConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     time_shift: float = 1.0           # 1 = plain logit-normal; >1 moves training time toward high noise
+    uniform_fraction: float = 0.0     # this fraction of times drawn uniformly in (0, 1) instead (coverage of the ends)
     checkpoint_every: int = 200
     time_budget_s: Optional[float] = None  # stop (after a checkpoint) when exceeded
     seed: int = 0
@@ -39,14 +40,25 @@ class FlowMatchingConfig:
 
 def sample_times(n: int, cfg: FlowMatchingConfig, generator: torch.Generator) -> torch.Tensor:
     s = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=generator))
-    return flow.shift_sigmas(s, cfg.time_shift) if cfg.time_shift != 1.0 else s
+    s = flow.shift_sigmas(s, cfg.time_shift) if cfg.time_shift != 1.0 else s
+    if cfg.uniform_fraction > 0:  # drawn only when asked, so earlier runs' random streams are unchanged
+        uniform = torch.rand(n, generator=generator) < cfg.uniform_fraction
+        s = torch.where(uniform, torch.rand(n, generator=generator).clamp(1e-3, 1 - 1e-3), s)
+    return s
 
 
 def flow_matching_loss(velocity_fn: Callable, x0: torch.Tensor, context: torch.Tensor, sigma: torch.Tensor,
-                       noise: torch.Tensor) -> torch.Tensor:
+                       noise: torch.Tensor, target_fn: Optional[Callable] = None) -> torch.Tensor:
+    """Mean squared velocity error; the target is eps - x0, or target_fn(x_s, sigma, context) (e.g. a teacher's
+    velocity, for De-Turbo) when given."""
     x_s = flow.rf_noisy(x0, noise, sigma)
     prediction = velocity_fn(x_s, sigma, context)
-    return ((prediction.float() - flow.rf_velocity(x0, noise).float()) ** 2).mean()
+    if target_fn is None:
+        target = flow.rf_velocity(x0, noise)
+    else:
+        with torch.no_grad():
+            target = target_fn(x_s, sigma, context)
+    return ((prediction.float() - target.float()) ** 2).mean()
 
 
 class EMA:
@@ -89,10 +101,12 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], te
 def train_flow_matching(modules: dict[str, torch.nn.Module], velocity_fn: Callable,
                         batches: Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]],
                         empty_context: torch.Tensor, cfg: FlowMatchingConfig, checkpoint_dir: Path,
-                        log: Optional[Callable[[dict], None]] = None, progress: bool = True) -> dict:
+                        log: Optional[Callable[[dict], None]] = None, progress: bool = True,
+                        target_fn: Optional[Callable] = None, desc: str = "flow matching") -> dict:
     """Train the parameters of `modules` that require grad; resumes from checkpoint_dir/last when present.
 
-    batches(step, generator) -> (x0 latents [B,...], context [B,L,D]); velocity_fn(x, sigma, context) -> v.
+    batches(step, generator) -> (x0 latents [B,...], context [B,L,D]); velocity_fn(x, sigma, context) -> v;
+    target_fn: see flow_matching_loss. A checkpoint written with other training settings is refused, not mixed in.
     Returns {"step", "wall_s", "losses"}; EMA weights are in checkpoint_dir/last/ema.safetensors.
     """
     checkpoint_dir = Path(checkpoint_dir)
@@ -105,6 +119,7 @@ def train_flow_matching(modules: dict[str, torch.nn.Module], velocity_fn: Callab
     last = checkpoint_dir / "last"
     if (last / "state.json").is_file():  # resume exactly: weights, EMA, optimizer, RNG, step
         meta = json.loads((last / "state.json").read_text())
+        _check_same_run(meta.get("config", {}), asdict(cfg), last)
         weights = load_file(last / "weights.safetensors")
         with torch.no_grad():
             for k, p in named.items():
@@ -116,7 +131,7 @@ def train_flow_matching(modules: dict[str, torch.nn.Module], velocity_fn: Callab
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, initial=step, desc="flow matching", mininterval=5)
+        bar = tqdm(total=cfg.steps, initial=step, desc=desc, mininterval=5)
     started = time.perf_counter() - wall_s
 
     def save():
@@ -142,7 +157,7 @@ def train_flow_matching(modules: dict[str, torch.nn.Module], velocity_fn: Callab
         context = torch.where(drop[:, None, None], empty_context.expand_as(context), context)
         sigma = sample_times(len(x0), cfg, generator)
         noise = torch.randn(x0.shape, generator=generator)
-        loss = flow_matching_loss(velocity_fn, x0, context, sigma, noise)
+        loss = flow_matching_loss(velocity_fn, x0, context, sigma, noise, target_fn)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -163,6 +178,18 @@ def train_flow_matching(modules: dict[str, torch.nn.Module], velocity_fn: Callab
     for module in modules.values():
         module.eval()
     return {"step": step, "wall_s": time.perf_counter() - started, "losses": losses}
+
+
+RESUMABLE_CHANGES = ("steps", "time_budget_s", "checkpoint_every")  # may differ between a run and its resumption
+
+
+def _check_same_run(saved: dict, current: dict, folder: Path) -> None:
+    changed = {k: (saved[k], current[k]) for k in current if k in saved and k not in RESUMABLE_CHANGES
+               and saved[k] != current[k]}
+    if changed:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
+        raise ValueError(f"{folder}: a checkpoint of a run with other settings ({detail}); delete the folder to start "
+                         f"over or restore the settings to resume")
 
 
 def load_ema_into(modules: dict[str, torch.nn.Module], checkpoint_dir: Path) -> None:

@@ -51,12 +51,13 @@ def gate_noise(params, latent_shape: tuple, gate: GateSet, stream: int = MAIN) -
     return torch.stack(noises)
 
 
-def render_reference(params, gate: GateSet, stream: int = MAIN) -> torch.Tensor:
-    """Renderer images of the gate prompts (one jitter seed per gate seed): the absolute reference."""
+def render_reference(params, gate: GateSet, stream: int = MAIN, style: bool = False) -> torch.Tensor:
+    """Renderer images of the gate prompts (one jitter seed per gate seed): the absolute reference (`style`: in the
+    renderer's style mode, the reference of a style LoRA)."""
     from .nano_world.prompts import Creature
     creatures = [Creature(**gate.attributes[p]) for p in gate.image_prompt]
     seeds = [RENDER_SEED_OFFSET + stream * 100_000 + p * 100 + s for p, s in zip(gate.image_prompt, gate.image_seed)]
-    return render_batch(creatures, seeds, params.gate.image_size)
+    return render_batch(creatures, seeds, params.gate.image_size, style)
 
 
 @torch.no_grad()

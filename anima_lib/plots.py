@@ -52,6 +52,26 @@ def metric_vs_steps(rows: dict[str, dict[str, float]], metric: str, title: str =
     return fig
 
 
+def lines(x: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, ylabel: str, title: str = "",
+          logy: bool = False, reference: Optional[dict[str, float]] = None):
+    """One line per entry of `series` over the shared x; `reference` draws labelled horizontal lines."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    for label, values in series.items():
+        ax.plot(list(x), list(values), marker="o", markersize=3, label=label, linestyle="--" if "uncond" in label else "-")
+    for label, value in (reference or {}).items():
+        ax.axhline(value, color="grey", linewidth=0.8, linestyle=":")
+        ax.annotate(label, (x[0], value), fontsize=7, color="grey", va="bottom")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def training_curves(history: list[dict], panels: dict[str, Sequence[str]], window: int = 20, title: str = ""):
     """One panel per entry of `panels` ({"losses": ["scm", "dmd"], ...}); each key is plotted against the iteration
     where it was logged, raw (faint) and as a running mean over `window` points, on a log y-axis."""

@@ -56,7 +56,8 @@ PIPELINE = (
 # --- what notebooks call ---------------------------------------------------------------------------------------------
 
 def metrics_file(params, notebook: str) -> Path:
-    return params.output_path() / "metrics" / f"{notebook}.json"
+    suffix = f"-{params.run.tag}" if params.run.tag else ""  # an ad hoc run never overwrites the main run's record
+    return params.output_path() / "metrics" / f"{notebook}{suffix}.json"
 
 
 def write_metrics(params, notebook: str, rows: dict, verdict: str, passed: bool, headline: Optional[dict] = None,
@@ -235,7 +236,7 @@ def run_pipeline(preset: str, overrides: Optional[list[str]] = None, only: Optio
     present = [s for s in pipeline if (notebook_dir / f"{s.name}.ipynb").is_file()]
     absent = [s.name for s in pipeline if s not in present]
     day_dir = params.report_root() / _dt.date.today().isoformat()
-    run_dir = day_dir / params.run.name
+    run_dir = day_dir / params.report_name()
     run_dir.mkdir(parents=True, exist_ok=True)
     if absent:
         log(f"not in this checkout yet: {', '.join(absent)}")

@@ -1,0 +1,146 @@
+"""De-Turbo: an adapter A (a LoRA on the student's attention and MLP linears, the student frozen) that makes the
+few-step student a multi-step velocity model like the teacher again, so style LoRAs can be trained through it
+(`shared/research/rcm-deturbo.md` §6.3):
+
+    L_A = E || v_{S+A}(x_s, s, c~) - v_T(x_s, s, c~) ||^2,   x_s = (1 - s) x0 + s eps
+    c~    the prompt's context, or the negative prompt's with p = caption_dropout: the target is the teacher's
+          *unguided* velocity for both, so ordinary CFG works on S+A
+    x0    the cache's teacher latents (1 - student_fraction of each batch) and the student's own 4-step samples
+          (student_fraction), so A is right on the student's manifold too
+    s     the teacher's training-time distribution, with uniform_fraction drawn uniformly (the ends)
+    init  'svd': A starts as the rank-r truncated SVD of W_teacher - W_student on its target linears (the part of
+          the distillation a LoRA can undo exactly), 'zeros': peft's default (A = no change)
+
+A lives only as a LoRA: the student's weights are never modified, so dropping A gives the student back bit-exactly.
+Artifacts: outputs/<run>/lora/deturbo/ (the LoRA files + manifest, see anima_lib.lora) and .../deturbo/train/.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import flow, lora, models, sampler
+from ..flow_matching import FlowMatchingConfig
+
+
+class DeturboError(RuntimeError):
+    """The De-Turbo adapter is missing or was trained for another student."""
+
+
+def deturbo_folder(params) -> Path:
+    return params.output_path() / "lora" / "deturbo"
+
+
+@torch.no_grad()
+def svd_init(teacher: torch.nn.Module, student: torch.nn.Module, rank: int, alpha: float) -> lora.LoraWeights:
+    """The rank-r LoRA closest (Frobenius) to teacher - student on every target linear."""
+    teacher_linears, down, up = lora.target_linears(teacher), {}, {}
+    scale = alpha / rank
+    for name, module in lora.target_linears(student).items():
+        difference = teacher_linears[name].weight.double() - module.weight.double()
+        u, s, vh = torch.linalg.svd(difference, full_matrices=False)
+        root = s[:rank].sqrt()
+        up[name] = (u[:, :rank] * root / scale ** 0.5).float()
+        down[name] = (root[:, None] * vh[:rank] / scale ** 0.5).float()
+    return lora.LoraWeights(down, up, rank, alpha)
+
+
+@torch.no_grad()
+def student_samples(student: torch.nn.Module, contexts: torch.Tensor, latent_shape: tuple, params, seed: int
+                    ) -> torch.Tensor:
+    """The student's own 4-step samples (latents) for the given contexts, fresh noise from `seed`."""
+    trig_times = flow.student_trig_times(4, params.sampler.sigma_max, params.sampler.student_mid_times)
+    generator = torch.Generator().manual_seed(seed)
+    shape = (len(contexts), *latent_shape)
+    noises = [torch.randn(shape, generator=generator) for _ in trig_times[:-1]]
+
+    def velocity(x, sigma, ctx):
+        return models.transformer_velocity(student, x, sigma, ctx)
+
+    out = []
+    for start in range(0, len(contexts), 128):
+        sl = slice(start, start + 128)
+        out.append(sampler.consistency_sample(velocity, [n[sl] for n in noises], trig_times, contexts[sl]))
+    return torch.cat(out)
+
+
+def training_config(params) -> FlowMatchingConfig:
+    from ..nano_world.teacher import teacher_config
+    d, teacher = params.deturbo, teacher_config(params)
+    return FlowMatchingConfig(steps=d.steps, batch_size=d.batch_size, lr=d.lr, warmup_steps=50, weight_decay=0.0,
+                              ema_decay=0.99, caption_dropout=d.caption_dropout, logit_mean=teacher.logit_mean,
+                              logit_std=teacher.logit_std, uniform_fraction=d.uniform_fraction,
+                              checkpoint_every=d.checkpoint_every, time_budget_s=d.minutes * 60, seed=params.run.seed)
+
+
+def train_deturbo(params, components, student: torch.nn.Module, progress: bool = True) -> tuple[lora.LoraWeights, dict]:
+    """Train A for `student` (or resume, or find it finished); returns A and the manifest."""
+    from ..cache import CacheBatches, cache_folder
+    d, folder = params.deturbo, deturbo_folder(params)
+    student_digest = models.weights_digest(student)
+    settings = {"student_sha256": student_digest, "teacher_sha256": models.weights_digest(components.transformer),
+                "deturbo": {k: getattr(d, k) for k in d.__dataclass_fields__}}
+    manifest = lora.read_manifest(folder)
+    if manifest is not None and manifest.get("settings") == settings:
+        return lora.read_lora(folder), manifest
+    teacher = components.transformer.eval().requires_grad_(False)
+    data = CacheBatches(cache_folder(params), precision=params.cache.precision, seed=params.run.seed,
+                        teacher_sha256=models.weights_digest(teacher))
+    pool_rows = data.batch(0, d.student_samples)  # contexts of the student's own samples (cache prompts)
+    pool_context = pool_rows["context"]
+    pool_x0 = student_samples(student, pool_context, pool_rows["x0"].shape[1:], params, seed=params.run.seed + 77)
+    negative = pool_rows["negative"]
+    n_student = round(d.batch_size * d.student_fraction)
+
+    def batches(step, generator):
+        rows = data.batch(step, d.batch_size - n_student)
+        pick = torch.randint(len(pool_x0), (n_student,), generator=generator)
+        return torch.cat([rows["x0"], pool_x0[pick]]), torch.cat([rows["context"], pool_context[pick]])
+
+    def teacher_velocity(x, sigma, context):
+        return models.transformer_velocity(teacher, x, sigma, context)
+
+    init = svd_init(teacher, student, d.rank, d.alpha) if d.init == "svd" else None
+    adapter, result = lora.train_lora(student, batches, negative, training_config(params), d.rank, d.alpha,
+                                      folder.parent / "deturbo-train", init=init, target_fn=teacher_velocity,
+                                      progress=progress, desc="De-Turbo")
+    record = {"kind": "deturbo", "settings": settings, "steps": result["step"], "wall_s": result["wall_s"],
+              "finished": result["step"] >= d.steps, "final_loss": sum(result["losses"][-50:]) / max(1, len(result["losses"][-50:])),
+              "base": "student", "targets": list(lora.TARGET_MODULES), "losses": result["losses"]}
+    lora.save_lora(adapter, folder, record)
+    return adapter, lora.read_manifest(folder)
+
+
+def load_deturbo(params, student: torch.nn.Module) -> lora.LoraWeights:
+    """A as 03_deturbo saved it, refused when it was trained for another student."""
+    folder = deturbo_folder(params)
+    manifest = lora.read_manifest(folder)
+    if manifest is None:
+        raise DeturboError(f"{folder}: no De-Turbo adapter here; run notebook 03_deturbo first "
+                           f"(`anima run <preset> --only 03_deturbo`)")
+    if manifest["settings"]["student_sha256"] != models.weights_digest(student):
+        raise DeturboError(f"{folder}: the adapter was trained for another student (digest "
+                           f"{manifest['settings']['student_sha256'][:12]}); re-run notebook 03_deturbo")
+    return lora.read_lora(folder)
+
+
+@torch.no_grad()
+def velocity_error_by_time(velocity_fns: dict, teacher_fn, x0: torch.Tensor, context: torch.Tensor,
+                           negative: torch.Tensor, buckets: int = 10, seed: int = 0) -> dict[str, list[float]]:
+    """Relative velocity error ||v - v_T|| / ||v_T|| per time bucket (s in [k/B, (k+1)/B)), for each named velocity
+    function, with the prompt ("<name>") and with the negative prompt ("<name> uncond"). Same x_s for every model."""
+    generator = torch.Generator().manual_seed(seed)
+    n = len(x0)
+    out = {}
+    for bucket in range(buckets):
+        sigma = (bucket + torch.rand(n, generator=generator)) / buckets
+        sigma = sigma.clamp(1e-3, 1 - 1e-3)
+        noise = torch.randn(x0.shape, generator=generator)
+        x_s = flow.rf_noisy(x0, noise, sigma)
+        for label, ctx in (("", context), (" uncond", negative.expand_as(context))):
+            target = teacher_fn(x_s, sigma, ctx).double()
+            for name, fn in velocity_fns.items():
+                error = (fn(x_s, sigma, ctx).double() - target).flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1)
+                out.setdefault(f"{name}{label}", []).append(float(error.mean()))
+    return out
