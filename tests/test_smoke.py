@@ -21,7 +21,8 @@ def test_anima_run_smoke_preset(tmp_path):
     assert set(statuses.values()) <= {"pass", "fail"}, (statuses, result.stdout[-3000:])
     assert result.returncode == (0 if set(statuses.values()) == {"pass"} else 1)
     assert statuses["00_nano_teacher"] == "pass" and statuses["04_quantize"] == "pass"
-    assert set(statuses) >= {"00_nano_teacher", "01_cache", "02_distill", "04_quantize", "05_quality_gate"}
+    assert set(statuses) == {"00_nano_teacher", "01_cache", "02_distill", "03_deturbo", "04_quantize", "05_quality_gate",
+                             "06_lora_survival"}
     rows = gathered["05_quality_gate"]["rows"]
     students = {f"{m}@{k}" for m in ("student", "student_scm", "student_lcm", "student_q4") for k in (1, 2, 4)}
     assert set(rows) == {"renderer", "teacher@1", "teacher@20"} | students
@@ -30,3 +31,12 @@ def test_anima_run_smoke_preset(tmp_path):
     page = (day / "smoke" / "05_quality_gate.html").read_text()
     assert page.count("data:image/png;base64,") >= 2   # same-seed grid and the steps plot
     assert (day / "index.html").is_file()
+    deturbo_rows = gathered["03_deturbo"]["rows"]
+    assert set(deturbo_rows) >= {"teacher@20", "student@20", "student+deturbo@20", "student@4"}
+    assert any("bit-exactly" in check and ok for check, ok in gathered["03_deturbo"]["checks"].items())
+    lora_rows = gathered["06_lora_survival"]["rows"]
+    ways = {f"student+lora_{w}@{k}" for w in ("teacher", "deturbo", "student") for k in (1, 2, 4)}
+    assert set(lora_rows) == {"teacher@20", "teacher+lora@20"} | {f"student@{k}" for k in (1, 2, 4)} | ways
+    assert all(0 <= r["style_score"] <= 1 for r in lora_rows.values())
+    verdict = gathered["06_lora_survival"]["verdict"]
+    assert all(f"{w}: " in verdict for w in ("teacher", "deturbo", "student")), verdict
