@@ -309,8 +309,7 @@ def write_nano_style_folder(folder, n_images: int, seed: int, image_size: int = 
     creatures = sample_creatures(max(1, n_images // 2), seed=seed)
     for i in range(n_images):
         creature = creatures[i // 2]
-        pixels = render(creature, seed=10_000 + i, size=image_size, style=True)
-        Image.fromarray((pixels * 255).round().astype(np.uint8)).save(staging / f"{i:05d}.png")
+        Image.fromarray(render(creature, seed=10_000 + i, size=image_size, style=True)).save(staging / f"{i:05d}.png")
         (staging / f"{i:05d}.txt").write_text(creature.prompt() + "\n")
     (staging / "dataset.json").write_text(json.dumps(settings))
     return atomic_replace_dir(staging, folder)
@@ -456,15 +455,16 @@ ALIGNMENT_TARGET, DIVERSITY_TARGET = 0.9, 0.8   # relative to the student's own 
 
 
 def survival_table(rows: dict, reference_row: str, ways, steps) -> dict[str, dict]:
-    """Per '<way>@<k>': style score relative to the reference, alignment and diversity relative to the student's
-    own row at k steps, and whether all three meet the targets ("survives"). Rows as 06 writes them."""
+    """Per '<way>@<k>': style score relative to the reference, content (attribute_alignment: every prompt attribute
+    read right, however cleanly drawn) and diversity relative to the student's own row at k steps, and whether all
+    three meet the targets ("survives"). Rows as 06 writes them."""
     reference = rows[reference_row]["style_score"]
     table = {}
     for way in ways:
         for k in steps:
             row, own = rows[f"{ROW_NAMES[way]}@{k}"], rows[f"student@{k}"]
             entry = {"style_ratio": row["style_score"] / max(reference, 1e-9),
-                     "alignment_ratio": row["alignment"] / max(own["alignment"], 1e-9),
+                     "alignment_ratio": row["attribute_alignment"] / max(own["attribute_alignment"], 1e-9),
                      "diversity_ratio": row["diversity"] / max(own["diversity"], 1e-9)}
             entry["survives"] = bool(entry["style_ratio"] >= STYLE_TARGETS[k] and entry["alignment_ratio"] >= ALIGNMENT_TARGET
                                      and entry["diversity_ratio"] >= DIVERSITY_TARGET)
@@ -481,7 +481,7 @@ def survival_verdict(table: dict[str, dict], ways, steps) -> str:
         styles = ", ".join(f"@{k} style x{table[f'{way}@{k}']['style_ratio']:.2f}" for k in steps)
         parts.append(f"{way}: {'survives at ' + '/'.join(map(str, ok)) + ' steps' if ok else 'does not survive'} ({styles})")
     if "student" in ways:
-        drops = [f"@{k} alignment x{table[f'student@{k}']['alignment_ratio']:.2f} diversity "
+        drops = [f"@{k} content x{table[f'student@{k}']['alignment_ratio']:.2f} diversity "
                  f"x{table[f'student@{k}']['diversity_ratio']:.2f}" for k in steps
                  if table[f"student@{k}"]["alignment_ratio"] < ALIGNMENT_TARGET
                  or table[f"student@{k}"]["diversity_ratio"] < DIVERSITY_TARGET]

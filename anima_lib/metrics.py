@@ -5,6 +5,8 @@ Nano backend (probe network, anima_lib.nano_world.probes):
                   probe as its feature extractor) — an FID-like number, not FID
   alignment       fraction of images that the probe reads as a clean creature AND whose every predicted attribute
                   matches the prompt (GenEval-like); alignment_<attribute> per attribute
+  attribute_alignment  the same without the clean-creature condition: is the content right, however it is drawn
+                  (what a style LoRA must keep: its rendering artifacts are counted by clean_rate instead)
   diversity       mean pairwise L2 distance of probe features between seeds of one prompt, averaged over prompts
   style_score     mean probe probability of "our style"
   clean_rate      fraction of images read as clean creatures
@@ -53,13 +55,14 @@ def fd_probe(images_a: torch.Tensor, images_b: torch.Tensor, probe) -> float:
 
 def _per_image_aligned(reading: dict, attributes: list[dict], image_prompt: list[int]) -> dict[str, torch.Tensor]:
     out = {}
-    all_ok = reading["clean_p"] > 0.5
+    attributes_ok = torch.ones(len(image_prompt), dtype=torch.bool)
     for name, values in ATTRIBUTES.items():
         target = torch.tensor([values.index(attributes[p][name]) for p in image_prompt])
         ok = reading[name] == target
         out[f"alignment_{name}"] = ok.float()
-        all_ok = all_ok & ok
-    out["alignment"] = all_ok.float()
+        attributes_ok = attributes_ok & ok
+    out["alignment"] = (attributes_ok & (reading["clean_p"] > 0.5)).float()
+    out["attribute_alignment"] = attributes_ok.float()
     return out
 
 
@@ -91,7 +94,7 @@ def score_images(reading: dict, attributes: list[dict], image_prompt: list[int])
     for name, values in per_image.items():
         per_prompt = torch.stack([values[prompt_ids == p].mean() for p in prompts])
         out[name] = float(values.mean())
-        if name in ("alignment", "style_score"):
+        if name in ("alignment", "attribute_alignment", "style_score"):
             out[f"{name}_ci"] = _bootstrap_ci(per_prompt)
     diversity = _diversity_per_prompt(reading["features"], prompt_ids)
     out["diversity"] = float(diversity.mean())

@@ -56,8 +56,12 @@ def lines(x: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, y
           logy: bool = False, reference: Optional[dict[str, float]] = None):
     """One line per entry of `series` over the shared x; `reference` draws labelled horizontal lines."""
     fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    colours: dict[str, str] = {}
     for label, values in series.items():
-        ax.plot(list(x), list(values), marker="o", markersize=3, label=label, linestyle="--" if "uncond" in label else "-")
+        base = label.replace(" uncond", "")  # a model's unconditional curve shares its colour, dashed
+        line, = ax.plot(list(x), list(values), marker="o", markersize=3, label=label, color=colours.get(base),
+                        linestyle="--" if label != base else "-")
+        colours.setdefault(base, line.get_color())
     for label, value in (reference or {}).items():
         ax.axhline(value, color="grey", linewidth=0.8, linestyle=":")
         ax.annotate(label, (x[0], value), fontsize=7, color="grey", va="bottom")

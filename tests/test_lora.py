@@ -191,15 +191,22 @@ def test_nano_style_folder_is_valid_and_deterministic(nano, tmp_path):
     assert images.shape == (6, 3, 32, 32) and images.dtype == torch.uint8 and captions[0] == captions[1]
     again = lora.write_nano_style_folder(tmp_path / "t", n_images=6, seed=1)
     assert lora.folder_digest(folder) == lora.folder_digest(again)
+    from anima_lib.nano_world.prompts import sample_creatures
+    from anima_lib.nano_world.renderer import render_batch
+    creature = sample_creatures(3, seed=1)[0]
+    assert captions[0] == creature.prompt()
+    expected = (render_batch([creature], [10_000], 32, style=True) * 255).round().to(torch.uint8)
+    assert torch.equal(images[:1], expected)  # the PNGs hold exactly the renderer's style-mode pixels
 
 
 def test_survival_table_and_verdict():
     rows = {"teacher+lora@20": {"style_score": 0.9},
-            "student@1": {"alignment": 0.4, "diversity": 10.0}, "student@4": {"alignment": 0.5, "diversity": 10.0}}
+            "student@1": {"attribute_alignment": 0.4, "diversity": 10.0},
+            "student@4": {"attribute_alignment": 0.5, "diversity": 10.0}}
     values = {"teacher": (0.6, 0.85), "deturbo": (0.8, 0.88), "student": (0.9, 0.9)}
     for way, (s1, s4) in values.items():
-        rows[f"{lora.ROW_NAMES[way]}@1"] = {"style_score": s1, "alignment": 0.39, "diversity": 9.0}
-        rows[f"{lora.ROW_NAMES[way]}@4"] = {"style_score": s4, "alignment": 0.49, "diversity": 9.5}
+        rows[f"{lora.ROW_NAMES[way]}@1"] = {"style_score": s1, "attribute_alignment": 0.39, "diversity": 9.0}
+        rows[f"{lora.ROW_NAMES[way]}@4"] = {"style_score": s4, "attribute_alignment": 0.49, "diversity": 9.5}
     rows["student+lora_student@1"].update(diversity=4.0)  # collapse
     table = lora.survival_table(rows, "teacher+lora@20", list(values), [1, 4])
     assert table["deturbo@1"]["survives"] and table["deturbo@4"]["survives"]
@@ -207,5 +214,5 @@ def test_survival_table_and_verdict():
     assert not table["student@1"]["survives"]
     verdict = lora.survival_verdict(table, list(values), [1, 4])
     assert "deturbo: survives at 1/4 steps" in verdict and "teacher: survives at 4 steps" in verdict
-    assert "direct training collapses (@1 alignment x0.97 diversity x0.40)" in verdict
+    assert "direct training collapses (@1 content x0.97 diversity x0.40)" in verdict
     assert "De-Turbo carries more style" in verdict
