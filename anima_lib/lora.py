@@ -409,7 +409,8 @@ def style_training_config(params) -> FlowMatchingConfig:
 
 def train_style_lora(params, components, way: str, student: torch.nn.Module,
                      deturbo_adapter: Optional[LoraWeights] = None, progress: bool = True) -> tuple[LoraWeights, dict]:
-    """One style LoRA of 06 (`way` in WAYS), trained or found finished in outputs/<run>/lora/style-<key>/<way>.
+    """One style LoRA of 06 (`way` in WAYS), trained or found finished in outputs/<run>/lora/style-<key>/<way>
+    (`deturbo-<adapter digest>` for the De-Turbo way).
 
     The key hashes everything that changes what the LoRA learns (data, base weights, adapter, rank, steps, ...), so
     an ad hoc run with other settings trains its own LoRAs next to the default ones.
@@ -430,7 +431,9 @@ def train_style_lora(params, components, way: str, student: torch.nn.Module,
     shared = {"teacher": models.weights_digest(components.transformer), "student": models.weights_digest(student),
               **{k: settings[k] for k in ("data_sha256", "text_precision", "lora")}}  # the same for all three ways
     key = hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:10]
-    out = params.output_path() / "lora" / f"style-{key}" / way
+    # the De-Turbo way also depends on the adapter: one folder per adapter, so another adapter never overwrites it
+    folder_name = f"deturbo-{deturbo_adapter.digest()[:8]}" if way == "deturbo" else way
+    out = params.output_path() / "lora" / f"style-{key}" / folder_name
     manifest = read_manifest(out)
     if manifest is not None and manifest.get("settings") == settings:
         return read_lora(out), manifest
@@ -440,7 +443,7 @@ def train_style_lora(params, components, way: str, student: torch.nn.Module,
     empty = text_path.encode_prompts([params.sampler.negative_prompt]).float()
     batches = style_batches(images, contexts, components.codec, params.lora.batch_size)
     lora, result = train_lora(base, batches, empty, style_training_config(params), params.lora.rank,
-                              params.lora.alpha, out.parent / f"{way}-train", frozen=frozen, progress=progress,
+                              params.lora.alpha, out.parent / f"{folder_name}-train", frozen=frozen, progress=progress,
                               desc=f"LoRA ({way})")
     losses = result["losses"][-50:]
     record = {"kind": "style", "settings": settings, "data_folder": str(folder), "steps": result["step"],
@@ -456,8 +459,8 @@ ALIGNMENT_TARGET, DIVERSITY_TARGET = 0.9, 0.8   # relative to the student's own 
 
 def survival_table(rows: dict, reference_row: str, ways, steps) -> dict[str, dict]:
     """Per '<way>@<k>': style score relative to the reference, content (attribute_alignment: every prompt attribute
-    read right, however cleanly drawn) and diversity relative to the student's own row at k steps, and whether all
-    three meet the targets ("survives"). Rows as 06 writes them."""
+    read right, however cleanly drawn) and diversity relative to the student's own row at k steps, whether all three
+    meet the targets ("survives"), and, as found, clean_rate and fd_probe_vs_reference. Rows as 06 writes them."""
     reference = rows[reference_row]["style_score"]
     table = {}
     for way in ways:
@@ -468,31 +471,45 @@ def survival_table(rows: dict, reference_row: str, ways, steps) -> dict[str, dic
                      "diversity_ratio": row["diversity"] / max(own["diversity"], 1e-9)}
             entry["survives"] = bool(entry["style_ratio"] >= STYLE_TARGETS[k] and entry["alignment_ratio"] >= ALIGNMENT_TARGET
                                      and entry["diversity_ratio"] >= DIVERSITY_TARGET)
+            entry.update(clean_rate=row["clean_rate"], fd_probe_vs_reference=row["fd_probe_vs_reference"])
             table[f"{way}@{k}"] = entry
     return table
 
 
 def survival_verdict(table: dict[str, dict], ways, steps) -> str:
-    """One line: at which step counts style survives with which way, whether direct training collapses, and how the
-    teacher-LoRA transfer compares with De-Turbo."""
+    """One line: at which step counts style survives with which way, whether direct training collapses (and how), and
+    how the teacher-LoRA transfer compares with De-Turbo."""
+    def cells(way, key, fmt):
+        return "/".join(fmt.format(table[f"{way}@{k}"][key]) for k in steps)
+
+    def mean(way, key):
+        return sum(table[f"{way}@{k}"][key] for k in steps) / len(steps)
+
+    at = "/".join(map(str, steps))
     parts = []
     for way in ways:
         ok = [k for k in steps if table[f"{way}@{k}"]["survives"]]
-        styles = ", ".join(f"@{k} style x{table[f'{way}@{k}']['style_ratio']:.2f}" for k in steps)
-        parts.append(f"{way}: {'survives at ' + '/'.join(map(str, ok)) + ' steps' if ok else 'does not survive'} ({styles})")
+        parts.append(f"{way}: {'survives at ' + '/'.join(map(str, ok)) + ' steps' if ok else 'does not survive'} "
+                     f"(@{at}: style x{cells(way, 'style_ratio', '{:.2f}')}, content x"
+                     f"{cells(way, 'alignment_ratio', '{:.2f}')}, diversity x{cells(way, 'diversity_ratio', '{:.2f}')}, "
+                     f"fd_vs_ref {cells(way, 'fd_probe_vs_reference', '{:.0f}')})")
     if "student" in ways:
-        drops = [f"@{k} content x{table[f'student@{k}']['alignment_ratio']:.2f} diversity "
-                 f"x{table[f'student@{k}']['diversity_ratio']:.2f}" for k in steps
-                 if table[f"student@{k}"]["alignment_ratio"] < ALIGNMENT_TARGET
-                 or table[f"student@{k}"]["diversity_ratio"] < DIVERSITY_TARGET]
-        parts.append("direct training collapses (" + "; ".join(drops) + ")" if drops else "direct training does not collapse")
+        how = []
+        if any(table[f"student@{k}"]["diversity_ratio"] < DIVERSITY_TARGET for k in steps):
+            how.append("diversity drops")
+        if any(table[f"student@{k}"]["alignment_ratio"] < ALIGNMENT_TARGET for k in steps):
+            how.append("content drops")
+        if "teacher" in ways and mean("student", "fd_probe_vs_reference") > 1.5 * mean("teacher", "fd_probe_vs_reference"):
+            how.append(f"its samples sit x{mean('student', 'fd_probe_vs_reference') / mean('teacher', 'fd_probe_vs_reference'):.1f} "
+                       f"farther from the styled reference than the teacher-LoRA's")
+        parts.append("direct training: " + ("; ".join(how) if how else "no collapse seen"))
     if "teacher" in ways and "deturbo" in ways:
-        mean = {w: sum(table[f"{w}@{k}"]["style_ratio"] for k in steps) / len(steps) for w in ("teacher", "deturbo")}
-        if abs(mean["teacher"] - mean["deturbo"]) <= 0.05:
-            parts.append(f"the teacher-LoRA transfer is as good as De-Turbo (mean style x{mean['teacher']:.2f} vs "
-                         f"x{mean['deturbo']:.2f})")
+        style = {w: mean(w, "style_ratio") for w in ("teacher", "deturbo")}
+        if abs(style["teacher"] - style["deturbo"]) <= 0.05:
+            parts.append(f"the teacher-LoRA transfer is as good as De-Turbo on style (mean x{style['teacher']:.2f} vs "
+                         f"x{style['deturbo']:.2f})")
         else:
-            better = max(mean, key=mean.get)
+            better = max(style, key=style.get)
             parts.append(f"{'De-Turbo' if better == 'deturbo' else 'the teacher-LoRA transfer'} carries more style "
-                         f"(mean x{mean['deturbo']:.2f} De-Turbo vs x{mean['teacher']:.2f} teacher)")
+                         f"(mean x{style['deturbo']:.2f} De-Turbo vs x{style['teacher']:.2f} teacher)")
     return "; ".join(parts)

@@ -205,14 +205,30 @@ def test_survival_table_and_verdict():
             "student@4": {"attribute_alignment": 0.5, "diversity": 10.0}}
     values = {"teacher": (0.6, 0.85), "deturbo": (0.8, 0.88), "student": (0.9, 0.9)}
     for way, (s1, s4) in values.items():
-        rows[f"{lora.ROW_NAMES[way]}@1"] = {"style_score": s1, "attribute_alignment": 0.39, "diversity": 9.0}
-        rows[f"{lora.ROW_NAMES[way]}@4"] = {"style_score": s4, "attribute_alignment": 0.49, "diversity": 9.5}
-    rows["student+lora_student@1"].update(diversity=4.0)  # collapse
+        rows[f"{lora.ROW_NAMES[way]}@1"] = {"style_score": s1, "attribute_alignment": 0.39, "diversity": 9.0,
+                                            "clean_rate": 0.1, "fd_probe_vs_reference": 50.0}
+        rows[f"{lora.ROW_NAMES[way]}@4"] = {"style_score": s4, "attribute_alignment": 0.49, "diversity": 9.5,
+                                            "clean_rate": 0.2, "fd_probe_vs_reference": 40.0}
+    rows["student+lora_student@1"].update(diversity=4.0, fd_probe_vs_reference=200.0)  # collapse
     table = lora.survival_table(rows, "teacher+lora@20", list(values), [1, 4])
     assert table["deturbo@1"]["survives"] and table["deturbo@4"]["survives"]
     assert not table["teacher@1"]["survives"] and table["teacher@4"]["survives"]  # 0.6/0.9 = 0.67 < 0.8
     assert not table["student@1"]["survives"]
     verdict = lora.survival_verdict(table, list(values), [1, 4])
-    assert "deturbo: survives at 1/4 steps" in verdict and "teacher: survives at 4 steps" in verdict
-    assert "direct training collapses (@1 content x0.97 diversity x0.40)" in verdict
+    assert "deturbo: survives at 1/4 steps (@1/4: style x0.89/0.98, content x0.97/0.98" in verdict
+    assert "teacher: survives at 4 steps" in verdict
+    assert "direct training: diversity drops; its samples sit x2.7 farther from the styled reference" in verdict
     assert "De-Turbo carries more style" in verdict
+
+
+def test_deturbo_folder_is_keyed_by_what_the_adapter_learns(nano, tmp_path):
+    student = lora.fused(nano.transformer, [(_random_lora(nano.transformer, seed=2), 1.0)])
+    base = config.load_config("nano", [f"run.output_dir={tmp_path}"])
+    folder = deturbo.deturbo_folder(base, nano.transformer, student)
+    assert folder == deturbo.deturbo_folder(config.load_config("nano", [f"run.output_dir={tmp_path}",
+                                                                          "deturbo.minutes=1"]), nano.transformer, student)
+    assert folder != deturbo.deturbo_folder(config.load_config("nano", [f"run.output_dir={tmp_path}", "deturbo.rank=16"]),
+                                            nano.transformer, student)
+    assert folder != deturbo.deturbo_folder(base, nano.transformer, nano.transformer)  # another student
+    with pytest.raises(deturbo.DeturboError, match="run notebook 03_deturbo first"):
+        deturbo.load_deturbo(base, nano, student)

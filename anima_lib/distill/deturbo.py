@@ -12,10 +12,13 @@ few-step student a multi-step velocity model like the teacher again, so style Lo
           the distillation a LoRA can undo exactly), 'zeros': peft's default (A = no change)
 
 A lives only as a LoRA: the student's weights are never modified, so dropping A gives the student back bit-exactly.
-Artifacts: outputs/<run>/lora/deturbo/ (the LoRA files + manifest, see anima_lib.lora) and .../deturbo/train/.
+Artifacts: outputs/<run>/lora/deturbo-<key>/ (the LoRA files + manifest, see anima_lib.lora) and its -train/ folder
+(resumable checkpoints).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -28,8 +31,22 @@ class DeturboError(RuntimeError):
     """The De-Turbo adapter is missing or was trained for another student."""
 
 
-def deturbo_folder(params) -> Path:
-    return params.output_path() / "lora" / "deturbo"
+KEY_EXCLUDED = ("minutes", "checkpoint_every")  # do not change what the adapter learns
+
+
+def deturbo_settings(params, teacher: torch.nn.Module, student: torch.nn.Module) -> dict:
+    d = params.deturbo
+    return {"student_sha256": models.weights_digest(student), "teacher_sha256": models.weights_digest(teacher),
+            "cache_precision": params.cache.precision,
+            "deturbo": {k: getattr(d, k) for k in d.__dataclass_fields__ if k not in KEY_EXCLUDED}}
+
+
+def deturbo_folder(params, teacher: torch.nn.Module, student: torch.nn.Module) -> Path:
+    """outputs/<run>/lora/deturbo-<key>: the key hashes the student, the teacher and the adapter's settings, so an ad
+    hoc run with another rank trains its own adapter and 06 finds the one that matches its parameters."""
+    settings = deturbo_settings(params, teacher, student)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return params.output_path() / "lora" / f"deturbo-{key}"
 
 
 @torch.no_grad()
@@ -77,10 +94,9 @@ def training_config(params) -> FlowMatchingConfig:
 def train_deturbo(params, components, student: torch.nn.Module, progress: bool = True) -> tuple[lora.LoraWeights, dict]:
     """Train A for `student` (or resume, or find it finished); returns A and the manifest."""
     from ..cache import CacheBatches, cache_folder
-    d, folder = params.deturbo, deturbo_folder(params)
-    student_digest = models.weights_digest(student)
-    settings = {"student_sha256": student_digest, "teacher_sha256": models.weights_digest(components.transformer),
-                "deturbo": {k: getattr(d, k) for k in d.__dataclass_fields__}}
+    d = params.deturbo
+    folder = deturbo_folder(params, components.transformer, student)
+    settings = deturbo_settings(params, components.transformer, student)
     manifest = lora.read_manifest(folder)
     if manifest is not None and manifest.get("settings") == settings:
         return lora.read_lora(folder), manifest
@@ -103,7 +119,7 @@ def train_deturbo(params, components, student: torch.nn.Module, progress: bool =
 
     init = svd_init(teacher, student, d.rank, d.alpha) if d.init == "svd" else None
     adapter, result = lora.train_lora(student, batches, negative, training_config(params), d.rank, d.alpha,
-                                      folder.parent / "deturbo-train", init=init, target_fn=teacher_velocity,
+                                      folder.parent / f"{folder.name}-train", init=init, target_fn=teacher_velocity,
                                       progress=progress, desc="De-Turbo")
     record = {"kind": "deturbo", "settings": settings, "steps": result["step"], "wall_s": result["wall_s"],
               "finished": result["step"] >= d.steps, "final_loss": sum(result["losses"][-50:]) / max(1, len(result["losses"][-50:])),
@@ -112,16 +128,12 @@ def train_deturbo(params, components, student: torch.nn.Module, progress: bool =
     return adapter, lora.read_manifest(folder)
 
 
-def load_deturbo(params, student: torch.nn.Module) -> lora.LoraWeights:
-    """A as 03_deturbo saved it, refused when it was trained for another student."""
-    folder = deturbo_folder(params)
-    manifest = lora.read_manifest(folder)
-    if manifest is None:
-        raise DeturboError(f"{folder}: no De-Turbo adapter here; run notebook 03_deturbo first "
-                           f"(`anima run <preset> --only 03_deturbo`)")
-    if manifest["settings"]["student_sha256"] != models.weights_digest(student):
-        raise DeturboError(f"{folder}: the adapter was trained for another student (digest "
-                           f"{manifest['settings']['student_sha256'][:12]}); re-run notebook 03_deturbo")
+def load_deturbo(params, components, student: torch.nn.Module) -> lora.LoraWeights:
+    """A as 03_deturbo saved it for this student, teacher and `deturbo` settings."""
+    folder = deturbo_folder(params, components.transformer, student)
+    if lora.read_manifest(folder) is None:
+        raise DeturboError(f"{folder}: no De-Turbo adapter for this student and these deturbo.* settings; run notebook "
+                           f"03_deturbo first (`anima run <preset> --only 03_deturbo`, with the same --set deturbo.*)")
     return lora.read_lora(folder)
 
 
