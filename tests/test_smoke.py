@@ -33,7 +33,8 @@ def test_anima_run_smoke_preset(tmp_path):
     assert (day / "index.html").is_file()
     deturbo_rows = gathered["03_deturbo"]["rows"]
     assert set(deturbo_rows) >= {"teacher@20", "student@20", "student+deturbo@20", "student@4"}
-    assert any("bit-exactly" in check and ok for check, ok in gathered["03_deturbo"]["checks"].items())
+    deturbo_record = json.loads((tmp_path / "out" / "smoke" / "metrics" / "03_deturbo.json").read_text())
+    assert any("bit-exactly" in check and ok for check, ok in deturbo_record["checks"].items())
     lora_rows = gathered["06_lora_survival"]["rows"]
     ways = {f"student+lora_{w}@{k}" for w in ("teacher", "deturbo", "student") for k in (1, 2, 4)}
     assert set(lora_rows) == {"teacher@20", "teacher+lora@20"} | {f"student@{k}" for k in (1, 2, 4)} | ways
