@@ -213,7 +213,7 @@ def _fraction(v):
 
 
 def _lora_rank(v):
-    # nano's narrowest target (cross-attention keys read the 64-wide context) bounds a useful rank; 2B allows more
+    # a sanity range only: the model's own bound (its narrowest target layer) is checked when the adapter is built
     return None if 1 <= v <= 512 else "must be between 1 and 512 (a LoRA rank is a small positive integer)"
 
 

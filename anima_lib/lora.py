@@ -398,13 +398,16 @@ def load_style_data(params, components) -> tuple[torch.Tensor, list[str], Path]:
     return images, captions, folder
 
 
-def style_training_config(params) -> FlowMatchingConfig:
+def adapter_training_config(params, section, uniform_fraction: float = 0.0) -> FlowMatchingConfig:
+    """Flow-matching settings of an adapter (`params.lora` or `params.deturbo`): its steps, batch, lr, caption dropout
+    and budget, at the teacher's training-time distribution; no weight decay (a LoRA starts at, and decays to, zero)."""
     from .nano_world.teacher import teacher_config
-    p, teacher = params.lora, teacher_config(params)
-    return FlowMatchingConfig(steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup_steps=50, weight_decay=0.0,
-                              ema_decay=0.99, caption_dropout=p.caption_dropout, logit_mean=teacher.logit_mean,
-                              logit_std=teacher.logit_std, checkpoint_every=p.checkpoint_every,
-                              time_budget_s=p.minutes * 60, seed=params.run.seed)
+    teacher = teacher_config(params)
+    return FlowMatchingConfig(steps=section.steps, batch_size=section.batch_size, lr=section.lr, warmup_steps=50,
+                              weight_decay=0.0, ema_decay=0.99, caption_dropout=section.caption_dropout,
+                              logit_mean=teacher.logit_mean, logit_std=teacher.logit_std,
+                              uniform_fraction=uniform_fraction, checkpoint_every=section.checkpoint_every,
+                              time_budget_s=section.minutes * 60, seed=params.run.seed)
 
 
 def train_style_lora(params, components, way: str, student: torch.nn.Module,
@@ -442,7 +445,7 @@ def train_style_lora(params, components, way: str, student: torch.nn.Module,
     contexts = text_path.encode_prompts(unique).float()[[unique.index(c) for c in captions]]
     empty = text_path.encode_prompts([params.sampler.negative_prompt]).float()
     batches = style_batches(images, contexts, components.codec, params.lora.batch_size)
-    lora, result = train_lora(base, batches, empty, style_training_config(params), params.lora.rank,
+    lora, result = train_lora(base, batches, empty, adapter_training_config(params, params.lora), params.lora.rank,
                               params.lora.alpha, out.parent / f"{folder_name}-train", frozen=frozen, progress=progress,
                               desc=f"LoRA ({way})")
     losses = result["losses"][-50:]

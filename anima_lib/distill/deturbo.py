@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from .. import flow, lora, models, sampler
-from ..flow_matching import FlowMatchingConfig
 
 
 class DeturboError(RuntimeError):
@@ -82,15 +81,6 @@ def student_samples(student: torch.nn.Module, contexts: torch.Tensor, latent_sha
     return torch.cat(out)
 
 
-def training_config(params) -> FlowMatchingConfig:
-    from ..nano_world.teacher import teacher_config
-    d, teacher = params.deturbo, teacher_config(params)
-    return FlowMatchingConfig(steps=d.steps, batch_size=d.batch_size, lr=d.lr, warmup_steps=50, weight_decay=0.0,
-                              ema_decay=0.99, caption_dropout=d.caption_dropout, logit_mean=teacher.logit_mean,
-                              logit_std=teacher.logit_std, uniform_fraction=d.uniform_fraction,
-                              checkpoint_every=d.checkpoint_every, time_budget_s=d.minutes * 60, seed=params.run.seed)
-
-
 def train_deturbo(params, components, student: torch.nn.Module, progress: bool = True) -> tuple[lora.LoraWeights, dict]:
     """Train A for `student` (or resume, or find it finished); returns A and the manifest."""
     from ..cache import CacheBatches, cache_folder
@@ -118,11 +108,13 @@ def train_deturbo(params, components, student: torch.nn.Module, progress: bool =
         return models.transformer_velocity(teacher, x, sigma, context)
 
     init = svd_init(teacher, student, d.rank, d.alpha) if d.init == "svd" else None
-    adapter, result = lora.train_lora(student, batches, negative, training_config(params), d.rank, d.alpha,
+    cfg = lora.adapter_training_config(params, d, d.uniform_fraction)
+    adapter, result = lora.train_lora(student, batches, negative, cfg, d.rank, d.alpha,
                                       folder.parent / f"{folder.name}-train", init=init, target_fn=teacher_velocity,
                                       progress=progress, desc="De-Turbo")
+    last_losses = result["losses"][-50:]
     record = {"kind": "deturbo", "settings": settings, "steps": result["step"], "wall_s": result["wall_s"],
-              "finished": result["step"] >= d.steps, "final_loss": sum(result["losses"][-50:]) / max(1, len(result["losses"][-50:])),
+              "finished": result["step"] >= d.steps, "final_loss": sum(last_losses) / max(1, len(last_losses)),
               "base": "student", "targets": list(lora.TARGET_MODULES), "losses": result["losses"]}
     lora.save_lora(adapter, folder, record)
     return adapter, lora.read_manifest(folder)
