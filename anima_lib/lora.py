@@ -457,7 +457,7 @@ def train_style_lora(params, components, way: str, student: torch.nn.Module,
 
 
 STYLE_TARGETS = {1: 0.8, 2: 0.8, 4: 0.9}   # issue 7: style score vs teacher+LoRA@20 at 1 (and 2) and 4 steps
-ALIGNMENT_TARGET, DIVERSITY_TARGET = 0.9, 0.8   # relative to the student's own rows (no LoRA), same step count
+CONTENT_TARGET, DIVERSITY_TARGET = 0.9, 0.8   # relative to the student's own rows (no LoRA), same step count
 
 
 def survival_table(rows: dict, reference_row: str, ways, steps) -> dict[str, dict]:
@@ -470,9 +470,9 @@ def survival_table(rows: dict, reference_row: str, ways, steps) -> dict[str, dic
         for k in steps:
             row, own = rows[f"{ROW_NAMES[way]}@{k}"], rows[f"student@{k}"]
             entry = {"style_ratio": row["style_score"] / max(reference, 1e-9),
-                     "alignment_ratio": row["attribute_alignment"] / max(own["attribute_alignment"], 1e-9),
+                     "content_ratio": row["attribute_alignment"] / max(own["attribute_alignment"], 1e-9),
                      "diversity_ratio": row["diversity"] / max(own["diversity"], 1e-9)}
-            entry["survives"] = bool(entry["style_ratio"] >= STYLE_TARGETS[k] and entry["alignment_ratio"] >= ALIGNMENT_TARGET
+            entry["survives"] = bool(entry["style_ratio"] >= STYLE_TARGETS[k] and entry["content_ratio"] >= CONTENT_TARGET
                                      and entry["diversity_ratio"] >= DIVERSITY_TARGET)
             entry.update(clean_rate=row["clean_rate"], fd_probe_vs_reference=row["fd_probe_vs_reference"])
             table[f"{way}@{k}"] = entry
@@ -494,13 +494,13 @@ def survival_verdict(table: dict[str, dict], ways, steps) -> str:
         ok = [k for k in steps if table[f"{way}@{k}"]["survives"]]
         parts.append(f"{way}: {'survives at ' + '/'.join(map(str, ok)) + ' steps' if ok else 'does not survive'} "
                      f"(@{at}: style x{cells(way, 'style_ratio', '{:.2f}')}, content x"
-                     f"{cells(way, 'alignment_ratio', '{:.2f}')}, diversity x{cells(way, 'diversity_ratio', '{:.2f}')}, "
+                     f"{cells(way, 'content_ratio', '{:.2f}')}, diversity x{cells(way, 'diversity_ratio', '{:.2f}')}, "
                      f"fd_vs_ref {cells(way, 'fd_probe_vs_reference', '{:.0f}')})")
     if "student" in ways:
         how = []
         if any(table[f"student@{k}"]["diversity_ratio"] < DIVERSITY_TARGET for k in steps):
             how.append("diversity drops")
-        if any(table[f"student@{k}"]["alignment_ratio"] < ALIGNMENT_TARGET for k in steps):
+        if any(table[f"student@{k}"]["content_ratio"] < CONTENT_TARGET for k in steps):
             how.append("content drops")
         if "teacher" in ways and mean("student", "fd_probe_vs_reference") > 1.5 * mean("teacher", "fd_probe_vs_reference"):
             how.append(f"its samples sit x{mean('student', 'fd_probe_vs_reference') / mean('teacher', 'fd_probe_vs_reference'):.1f} "
