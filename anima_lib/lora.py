@@ -126,11 +126,16 @@ def add_adapter(transformer: torch.nn.Module, rank: int, alpha: float, name: str
                                        init_lora_weights=True), adapter_name=name)
 
 
+def _split_matrices(state: dict, prefix: str = "") -> tuple[dict, dict]:
+    """{"<prefix><module>.lora_A.weight": A, ...} -> ({module: A}, {module: B}) as float32 copies."""
+    def pick(suffix):
+        return {k[len(prefix):-len(suffix)]: v.detach().float().clone() for k, v in state.items() if k.endswith(suffix)}
+    return pick(".lora_A.weight"), pick(".lora_B.weight")
+
+
 def from_adapter(transformer: torch.nn.Module, rank: int, alpha: float, name: str = TRAINING_ADAPTER) -> LoraWeights:
     from peft.utils import get_peft_model_state_dict
-    state = get_peft_model_state_dict(transformer, adapter_name=name)
-    down = {k[:-len(".lora_A.weight")]: v.detach().float().clone() for k, v in state.items() if k.endswith(".lora_A.weight")}
-    up = {k[:-len(".lora_B.weight")]: v.detach().float().clone() for k, v in state.items() if k.endswith(".lora_B.weight")}
+    down, up = _split_matrices(get_peft_model_state_dict(transformer, adapter_name=name))
     return LoraWeights(down, up, rank, alpha)
 
 
@@ -199,8 +204,7 @@ def read_lora(path) -> LoraWeights:
                                                                                           ".lora_B.weight")))
     if other:
         raise LoraError(f"{path}: keys that are not transformer LoRA matrices: {other[:12]}")
-    down = {k[len("transformer."):-len(".lora_A.weight")]: v.float() for k, v in state.items() if ".lora_A." in k}
-    up = {k[len("transformer."):-len(".lora_B.weight")]: v.float() for k, v in state.items() if ".lora_B." in k}
+    down, up = _split_matrices(state, prefix="transformer.")
     if set(down) != set(up):
         raise LoraError(f"{path}: modules with only one of lora_A/lora_B: {sorted(set(down) ^ set(up))[:12]}")
     rank = next(iter(down.values())).shape[0]
