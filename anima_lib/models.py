@@ -39,12 +39,13 @@ ANIMA_2B_VAE: dict[str, Any] = {}  # AutoencoderKLQwenImage() defaults are the r
 ANIMA_2B_TRANSFORMER_PARAMS = 1_956_405_248  # diffusers 0.42.1 on the meta device
 
 # --- The nano family: the same classes at tiny sizes (32x32 RGB images, 4x pixel-shuffle codec -> 48x8x8 latents) ---
-# hidden 192 = the 2x2x48 values of a patch token: a narrower DiT cannot carry a token's noise through to the velocity
+# patch 1: 64 tokens of 4x4 pixels (48 values) under hidden 128, so each token's noise fits through the width to the
+# velocity (patch 2 put 192 values under hidden 192: samples kept visible noise and smeared eyes)
 NANO_CODEC_FACTOR = 4
 NANO_TRANSFORMER = dict(
-    in_channels=3 * NANO_CODEC_FACTOR ** 2, out_channels=3 * NANO_CODEC_FACTOR ** 2, num_attention_heads=6,
+    in_channels=3 * NANO_CODEC_FACTOR ** 2, out_channels=3 * NANO_CODEC_FACTOR ** 2, num_attention_heads=4,
     attention_head_dim=32, num_layers=6, mlp_ratio=4.0, text_embed_dim=64, adaln_lora_dim=32, max_size=(4, 32, 32),
-    patch_size=(1, 2, 2), rope_scale=(1.0, 1.0, 1.0), concat_padding_mask=True, extra_pos_embed_type=None)
+    patch_size=(1, 1, 1), rope_scale=(1.0, 1.0, 1.0), concat_padding_mask=True, extra_pos_embed_type=None)
 NANO_TEXT_ENCODER = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     head_dim=16, rope_theta=10_000.0, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
