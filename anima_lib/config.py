@@ -127,6 +127,12 @@ class GateParams:
     seeds_per_prompt: int = _spec(4, help="images per prompt (fixed seeds)", check=_positive)
     image_size: int = _spec(32, help="nano: image side in pixels", check=lambda v: None if v % 16 == 0 and v > 0
                             else "must be a positive multiple of 16")
+    inception_weights: Optional[str] = _spec(
+        None, help="FID: local InceptionV3 weights of torch-fidelity (pt_inception-2015-12-05-6726825d.pth); "
+                   "null: FID is reported as not computed")
+    clip_model: str = _spec("ViT-B-32", help="CLIP score: open_clip model name of clip_checkpoint")
+    clip_checkpoint: Optional[str] = _spec(
+        None, help="CLIP score: local open_clip checkpoint (.safetensors or .bin) for clip_model; null: not computed")
 
 
 @dataclass
@@ -436,6 +442,11 @@ def load_config(preset: str | os.PathLike = "nano", overrides: list[str] | dict 
     if params.lora.style_folder is not None and not _resolve(params.lora.style_folder).is_dir():
         raise ConfigError(f"{source}: lora.style_folder = {params.lora.style_folder!r}: no such folder (a folder of "
                           f"images with same-name .txt captions, or null for the nano renderer's style mode)")
+    for key in ("inception_weights", "clip_checkpoint"):
+        value = getattr(params.gate, key)
+        if value is not None and not _resolve(value).is_file():
+            raise ConfigError(f"{source}: gate.{key} = {value!r}: no such file (nothing is downloaded; null leaves "
+                              f"the metric out of the report, saying so)")
     if check_paths:
         _check_model_paths(params)
         _check_writable(params)

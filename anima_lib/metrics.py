@@ -11,13 +11,21 @@ Nano backend (probe network, anima_lib.nano_world.probes):
   style_score     mean probe probability of "our style"
   clean_rate      fraction of images read as clean creatures
 Uncertainty: a bootstrap over prompts (images of one prompt move together), reported as <metric>_ci = [lo, hi] (90%).
-Production backends (Inception FID, open_clip CLIP score from local weights) are not written yet.
+
+Production backends, from local weights only (nothing is downloaded; absent weights -> MetricUnavailable, which the
+report prints as "not computed" with the reason, never replaced by another metric):
+  fid_inception   FID: torchmetrics FrechetInceptionDistance with torch-fidelity's InceptionV3 (the standard
+                  TF-ported pool3 2048-d features), weights from `gate.inception_weights`
+  clip_scores     CLIP score per image: 100 * max(cos(image, prompt), 0) with an open_clip model (`gate.clip_model`)
+                  from `gate.clip_checkpoint` (torchmetrics' CLIPScore definition)
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .nano_world.prompts import ATTRIBUTES
 
@@ -102,3 +110,92 @@ def score_images(reading: dict, attributes: list[dict], image_prompt: list[int])
     out["n_images"] = len(image_prompt)
     return out
 
+
+
+class MetricUnavailable(RuntimeError):
+    """A production metric's weights are not on this machine: the report says so instead of showing a number."""
+
+
+def _local_file(path, key: str) -> Path:
+    if path is None:
+        raise MetricUnavailable(f"not computed: {key} is not set (a local weights file; nothing is downloaded)")
+    if not Path(path).is_file():
+        raise MetricUnavailable(f"not computed: {key} = {str(path)!r}: no such file")
+    return Path(path)
+
+
+def fid_inception(reference: torch.Tensor, image_sets: dict[str, torch.Tensor], weights_path,
+                  batch_size: int = 64) -> dict[str, float]:
+    """FID of each image set against `reference` (images in [0,1], resized to 299 inside the metric) with the
+    standard InceptionV3; the reference's features are computed once."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    path = _local_file(weights_path, "gate.inception_weights")
+    metric = FrechetInceptionDistance(feature=2048, normalize=True, reset_real_features=False,
+                                      feature_extractor_weights_path=str(path))
+    for start in range(0, len(reference), batch_size):
+        metric.update(reference[start:start + batch_size].float(), real=True)
+    out = {}
+    for name, images in image_sets.items():
+        for start in range(0, len(images), batch_size):
+            metric.update(images[start:start + batch_size].float(), real=False)
+        out[name] = float(metric.compute())
+        metric.reset()  # drops this set's features, keeps the reference's
+    return out
+
+
+class ClipScorer:
+    """An open_clip model from a local checkpoint; scores images against their prompts."""
+
+    def __init__(self, model_name: str, checkpoint):
+        import open_clip
+        path = _local_file(checkpoint, "gate.clip_checkpoint")
+        self.model = open_clip.create_model(model_name, pretrained=str(path)).eval()
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        cfg = open_clip.get_model_preprocess_cfg(self.model)
+        size = cfg["size"]
+        self.size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def scores(self, images: torch.Tensor, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """[N] CLIP scores, 100 * max(cos, 0), of images in [0,1] against their prompts (one prompt per image)."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = F.interpolate(images[start:start + batch_size].float(), size=self.size, mode="bicubic",
+                                  align_corners=False).clamp(0, 1)
+            image_features = F.normalize(self.model.encode_image((batch - self.mean) / self.std), dim=-1)
+            text_features = F.normalize(self.model.encode_text(self.tokenizer(prompts[start:start + batch_size])),
+                                        dim=-1)
+            out.append(100 * (image_features * text_features).sum(-1).clamp(min=0))
+        return torch.cat(out)
+
+
+def production_metrics(samples: dict[str, torch.Tensor], reference_row: str, prompts: list[str],
+                       image_prompt: list[int], inception_weights=None, clip_model: str = "ViT-B-32",
+                       clip_checkpoint=None) -> tuple[dict[str, dict], dict[str, str]]:
+    """Per row: fid_vs_<reference_row> and clip_score (+ CI over prompts) where the weights are present;
+    `status` says for each metric whether it was computed and why not."""
+    rows: dict[str, dict] = {row: {} for row in samples}
+    status = {}
+    try:
+        others = {row: images for row, images in samples.items() if row != reference_row}
+        for row, value in fid_inception(samples[reference_row], others, inception_weights).items():
+            rows[row]["fid_vs_reference"] = value
+        status["fid"] = f"computed (InceptionV3 from {inception_weights}), against {reference_row}"
+    except MetricUnavailable as missing:
+        status["fid"] = str(missing)
+    try:
+        scorer = ClipScorer(clip_model, clip_checkpoint)
+        prompt_ids = torch.tensor(image_prompt)
+        for row, images in samples.items():
+            per_image = scorer.scores(images, [prompts[p] for p in image_prompt])
+            rows[row]["clip_score"] = float(per_image.mean())
+            rows[row]["clip_score_ci"] = _bootstrap_ci(torch.stack([per_image[prompt_ids == p].mean()
+                                                                    for p in prompt_ids.unique()]))
+        status["clip_score"] = f"computed (open_clip {clip_model} from {clip_checkpoint})"
+    except MetricUnavailable as missing:
+        status["clip_score"] = str(missing)
+    return rows, status
