@@ -84,6 +84,10 @@ def _diversity_per_prompt(features: torch.Tensor, image_prompt: torch.Tensor) ->
     return torch.stack(values)
 
 
+def _per_prompt_means(per_image: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+    return torch.stack([per_image[prompt_ids == p].mean() for p in prompt_ids.unique()])
+
+
 def _bootstrap_ci(per_prompt: torch.Tensor, n_boot: int = 1000, seed: int = 0) -> list[float]:
     generator = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(per_prompt), (n_boot, len(per_prompt)), generator=generator)
@@ -94,13 +98,12 @@ def _bootstrap_ci(per_prompt: torch.Tensor, n_boot: int = 1000, seed: int = 0) -
 def score_images(reading: dict, attributes: list[dict], image_prompt: list[int]) -> dict:
     """Alignment, per-attribute alignment, diversity, style score, clean rate, with bootstrap CIs over prompts."""
     prompt_ids = torch.tensor(image_prompt)
-    prompts = prompt_ids.unique()
     per_image = _per_image_aligned(reading, attributes, image_prompt)
     per_image["style_score"] = reading["style_p"]
     per_image["clean_rate"] = (reading["clean_p"] > 0.5).float()
     out: dict = {}
     for name, values in per_image.items():
-        per_prompt = torch.stack([values[prompt_ids == p].mean() for p in prompts])
+        per_prompt = _per_prompt_means(values, prompt_ids)
         out[name] = float(values.mean())
         if name in ("alignment", "attribute_alignment", "style_score"):
             out[f"{name}_ci"] = _bootstrap_ci(per_prompt)
@@ -193,8 +196,7 @@ def production_metrics(samples: dict[str, torch.Tensor], reference_row: str, pro
         for row, images in samples.items():
             per_image = scorer.scores(images, [prompts[p] for p in image_prompt])
             rows[row]["clip_score"] = float(per_image.mean())
-            rows[row]["clip_score_ci"] = _bootstrap_ci(torch.stack([per_image[prompt_ids == p].mean()
-                                                                    for p in prompt_ids.unique()]))
+            rows[row]["clip_score_ci"] = _bootstrap_ci(_per_prompt_means(per_image, prompt_ids))
         status["clip_score"] = f"computed (open_clip {clip_model} from {clip_checkpoint})"
     except MetricUnavailable as missing:
         status["clip_score"] = str(missing)
