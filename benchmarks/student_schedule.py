@@ -1,0 +1,63 @@
+"""The rCM student's few-step schedule: alignment of the run's student at 2 and 4 steps for candidate
+`sampler.student_mid_times`, measured in one run on a prompt/noise set held out from the gate's.
+
+The gate draws its prompts and noise from `run.seed`; this script draws them from `--eval-seed` (default: another
+seed), so choosing mid times here does not tune on the gate's own images. The student is trained on random times
+and does not depend on the schedule, so no retraining is needed.
+
+    .venv/bin/python benchmarks/student_schedule.py [--eval-seed 7] [--steps 2 4] [--schedule 1.3,1.0,0.6 ...]
+Needs 02_distill's rCM student for the run (`anima run params/nano.yaml --only 02_distill`).
+"""
+import argparse
+import time
+
+import torch
+
+from anima_lib import config, distill, gate, metrics, models, report
+from anima_lib.nano_world.probes import load_probe
+
+DEFAULT_SCHEDULES = ["1.3,1.0,0.6", "1.1,0.8,0.4", "1.0,0.6,0.3", "0.9,0.5,0.2", "1.2,0.7,0.3"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="nano")
+    parser.add_argument("--eval-seed", type=int, default=7, help="run.seed for the held-out prompts and noise")
+    parser.add_argument("--steps", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--schedule", nargs="+", default=DEFAULT_SCHEDULES,
+                        help="candidate mid times, comma-separated, decreasing in (0, pi/2)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], dest="overrides")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    params = config.load_config(args.preset, args.overrides)
+    if args.eval_seed == params.run.seed:
+        parser.error(f"--eval-seed {args.eval_seed} equals run.seed: that is the gate's own set, not a held-out one")
+    components = models.load_components(params)
+    student = distill.load_student(params, components, "rcm", params.distill.checkpoint)
+    reader = metrics.ProbeReader(load_probe())
+    rows = {}
+    for schedule in args.schedule:
+        # load_config validates the schedule (decreasing, inside (0, pi/2)) before any sampling
+        eval_params = config.load_config(args.preset, args.overrides + [
+            f"run.seed={args.eval_seed}", f"sampler.student_mid_times=[{schedule}]"])
+        eval_set = gate.gate_set(eval_params)
+        for steps in args.steps:
+            t0 = time.perf_counter()
+            images = gate.sample_student(student, components, eval_params, eval_set, steps,
+                                         precision=params.cache.precision)
+            scores = metrics.score_images(reader.read(images), eval_set.attributes, eval_set.image_prompt)
+            rows[f"[{schedule}] @{steps}"] = {
+                "alignment": scores["alignment"], "alignment_ci": scores["alignment_ci"],
+                "eyes": scores["alignment_eyes"], "shape": scores["alignment_shape"],
+                "clean_rate": scores["clean_rate"], "n_images": scores["n_images"],
+                "s": time.perf_counter() - t0}
+            print(f"{schedule} @{steps}: alignment {scores['alignment']:.3f}", flush=True)
+    print(f"\nrCM student ({params.distill.checkpoint}), eval seed {args.eval_seed} "
+          f"(gate uses run.seed {params.run.seed}), {params.gate.n_prompts} prompts × "
+          f"{params.gate.seeds_per_prompt} seeds")
+    print(report.markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()
