@@ -19,6 +19,7 @@ import torch
 from diffusers import AnimaTextConditioner, AutoencoderKLQwenImage, CosmosTransformer3DModel
 from transformers import AutoTokenizer, Qwen3Model
 
+from .io import NonFiniteWeightsError, check_finite
 from .models import AnimaComponents, PixelShuffleCodec, VAECodec
 
 COMPONENT_CLASSES = {
@@ -34,6 +35,22 @@ CODEC_FILE = "codec.json"
 
 class CheckpointError(FileNotFoundError):
     """A checkpoint path or layout is wrong; the message names the path and what was expected."""
+
+
+class NonFiniteCheckpointError(CheckpointError, NonFiniteWeightsError):
+    """Checkpoint weights holding NaN/Inf; the message names the file or component and the tensor."""
+
+
+def _check_finite(tensors: dict, source: str) -> dict:
+    try:
+        return check_finite(tensors, source)
+    except NonFiniteWeightsError as exc:
+        raise NonFiniteCheckpointError(str(exc)) from None
+
+
+def _load_finite(path: Path) -> dict:
+    from safetensors.torch import load_file
+    return _check_finite(load_file(path), str(path))
 
 
 def _require_dir(path, what: str) -> Path:
@@ -64,6 +81,11 @@ def load_diffusers_folder(path, torch_dtype: torch.dtype = torch.float32) -> Ani
     else:
         codec = VAECodec(AutoencoderKLQwenImage.from_pretrained(root / "vae", **kwargs))
         max_tokens = 512
+    loaded = {"transformer": transformer, "text_conditioner": conditioner, "text_encoder": text_encoder}
+    if not nano:
+        loaded["vae"] = codec.vae
+    for name, module in loaded.items():  # from_pretrained accepts NaN/Inf weights; refuse them by component and tensor
+        _check_finite(module.state_dict(), f"{root / name} ({type(module).__name__})")
     return AnimaComponents(transformer=transformer, text_encoder=text_encoder, text_conditioner=conditioner,
                            tokenizer=tokenizer, t5_tokenizer=t5_tokenizer, codec=codec,
                            preset="nano" if nano else "anima-2b", max_tokens=max_tokens).eval()
@@ -172,8 +194,8 @@ def _load_strict(module_cls, config: dict, state: dict, what: str, torch_dtype):
 
 def load_comfy_split(diffusion_model_file, text_encoder_file, vae_file, tokenizer_dir,
                      torch_dtype: torch.dtype = torch.float32) -> AnimaComponents:
-    """Anima from ComfyUI's split files (+ a local folder with tokenizer/ and t5_tokenizer/)."""
-    from safetensors.torch import load_file
+    """Anima from ComfyUI's split files (+ a local folder with tokenizer/ and t5_tokenizer/); a file holding NaN/Inf
+    is refused (NonFiniteCheckpointError naming the file and the tensor)."""
     from transformers import Qwen3Config
     from . import comfy_keys
     dit_path = _require_file(diffusion_model_file, "model.comfy_diffusion_model")
@@ -182,17 +204,17 @@ def load_comfy_split(diffusion_model_file, text_encoder_file, vae_file, tokenize
     tok_root = _require_dir(tokenizer_dir, "model.tokenizer_dir")
     for sub in ("tokenizer", "t5_tokenizer"):
         _require_dir(tok_root / sub, f"model.tokenizer_dir/{sub}")
-    transformer_state, conditioner_state = comfy_keys.split_diffusion_model(load_file(dit_path))
+    transformer_state, conditioner_state = comfy_keys.split_diffusion_model(_load_finite(dit_path))
     if not conditioner_state:
         raise CheckpointError(f"{dit_path}: no llm_adapter.* keys; an Anima diffusion model carries its LLM adapter")
     transformer = _load_strict(CosmosTransformer3DModel, transformer_config_from_state(transformer_state),
                                transformer_state, str(dit_path), torch_dtype)
     conditioner = _load_strict(AnimaTextConditioner, conditioner_config_from_state(conditioner_state),
                                conditioner_state, f"{dit_path} (llm_adapter)", torch_dtype)
-    te_state = comfy_keys.text_encoder_to_diffusers(load_file(te_path))
+    te_state = comfy_keys.text_encoder_to_diffusers(_load_finite(te_path))
     text_encoder = _load_strict(lambda **c: Qwen3Model(Qwen3Config(**c)), text_encoder_config_from_state(te_state),
                                 te_state, str(te_path), torch_dtype)
-    vae_raw = load_file(vae_path)
+    vae_raw = _load_finite(vae_path)
     vae_config = comfy_keys.vae_config_from_comfy(vae_raw)
     vae_state = {comfy_keys.vae_key_to_diffusers(k, vae_config["num_res_blocks"]): v for k, v in vae_raw.items()}
     vae = _load_strict(AutoencoderKLQwenImage, vae_config, vae_state, str(vae_path), torch_dtype)

@@ -6,8 +6,9 @@ Every error is a `ConfigError` whose message names the key, the file and what is
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-import tempfile
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +22,22 @@ PARAMS_DIR = REPO_ROOT / "params"
 STUDENT_STEPS = (1, 2, 4)  # one student serves exactly these step counts
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_PRESETS = ("nano", "anima-2b")
+# Sanity ceilings shared by many keys: anything above is a typo, not a plan.
+MAX_STEPS = 10_000_000
+MAX_BATCH = 65_536
+MAX_MINUTES = 7 * 24 * 60  # a week
+MAX_LR = 1.0
+NAME_CHARS = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # one plain path component: no '/', no '..', not hidden
 
 
 class ConfigError(ValueError):
     """A parameter is unknown, mistyped or impossible; raised before any compute."""
 
 
-def _spec(default=None, *, help: str, allowed=None, check=None, default_factory=None):
-    """A field with its documentation, an optional set of allowed values and an optional predicate (value -> error or None)."""
-    meta = {"help": help, "allowed": allowed, "check": check}
+def _spec(default=None, *, help: str, allowed=None, check=None, bounds=None, default_factory=None):
+    """A field with its documentation, optional allowed values, predicate (value -> error or None) and, for numbers
+    (or lists of numbers), the closed range [min, max] every value must lie in."""
+    meta = {"help": help, "allowed": allowed, "check": check, "bounds": bounds}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -41,6 +49,15 @@ def _positive(v):
 
 def _non_negative(v):
     return None if v >= 0 else "must be >= 0"
+
+
+def _path_component(v, empty_ok=False):
+    if v == "" and empty_ok:
+        return None
+    if len(v) > 100 or not NAME_CHARS.fullmatch(v):
+        return ("must be one plain folder name of 1-100 letters, digits, '.', '_' or '-', not starting with '.' "
+                "(no '/', no '..')" + (", or empty" if empty_ok else ""))
+    return None
 
 
 def _teacher_steps(v):
@@ -74,16 +91,17 @@ def _trig_mid_times(values):
 
 @dataclass
 class RunParams:
-    name: str = _spec("nano", help="run name: artifacts go to <output_dir>/<name>, reports to <report_dir>/<date>/<name>")
+    name: str = _spec("nano", help="run name: artifacts go to <output_dir>/<name>, reports to <report_dir>/<date>/<name>",
+                      check=_path_component)
     tag: str = _spec("", help="label of an ad hoc run (e.g. 06 with another style folder or rank): its report goes "
                                "to <report_dir>/<date>/<name>-<tag>; artifacts are still read from <output_dir>/<name>",
-                     check=lambda v: None if all(c.isalnum() or c in "._-" for c in v) else
-                     "may only hold letters, digits, '.', '_' and '-'")
+                     check=lambda v: _path_component(v, empty_ok=True))
     output_dir: str = _spec("outputs", help="root folder for run artifacts (relative paths are from the repo root)")
     report_dir: str = _spec("reports", help="root folder for dated HTML reports")
-    seed: int = _spec(0, help="master seed; every random draw derives from it", check=_non_negative)
+    seed: int = _spec(0, help="master seed; every random draw derives from it", check=_non_negative,
+                      bounds=(0, 2**32 - 1))
     device: str = _spec("cpu", help="torch device", allowed=("cpu", "cuda"))
-    threads: int = _spec(0, help="torch CPU threads (0 = torch default)", check=_non_negative)
+    threads: int = _spec(0, help="torch CPU threads (0 = torch default)", check=_non_negative, bounds=(0, 1024))
 
 
 @dataclass
@@ -105,13 +123,17 @@ class ModelParams:
 
 @dataclass
 class SamplerParams:
-    teacher_steps: int = _spec(20, help="teacher Euler steps", check=_teacher_steps)
-    shift: float = _spec(3.0, help="Anima sigma shift: s' = shift*s/(1+(shift-1)*s)", check=_positive)
-    guidance_scale: float = _spec(4.0, help="CFG on velocities: v_u + w*(v_c - v_u)", check=_non_negative)
-    negative_prompt: str = _spec("", help="prompt used for the unconditional branch of CFG")
-    sigma_max: float = _spec(80.0, help="student: EDM sigma of the first step (t0 = arctan sigma_max)", check=_positive)
+    teacher_steps: int = _spec(20, help="teacher Euler steps", check=_teacher_steps, bounds=(1, 1000))
+    shift: float = _spec(3.0, help="Anima sigma shift: s' = shift*s/(1+(shift-1)*s)", check=_positive,
+                         bounds=(0, 100))
+    guidance_scale: float = _spec(4.0, help="CFG on velocities: v_u + w*(v_c - v_u)", check=_non_negative,
+                                  bounds=(0, 100))
+    negative_prompt: str = _spec("", help="prompt used for the unconditional branch of CFG (nano: words of the nano "
+                                          "vocabulary only)")
+    sigma_max: float = _spec(80.0, help="student: EDM sigma of the first step (t0 = arctan sigma_max)", check=_positive,
+                             bounds=(0, 1000))
     student_mid_times: list[float] = _spec(
-        help="student: TrigFlow times of steps 2..4 (rCM paper list)", check=_trig_mid_times,
+        help="student: TrigFlow times of steps 2..4 (rCM paper list)", check=_trig_mid_times, bounds=(0, math.pi / 2),
         default_factory=lambda: [1.3, 1.0, 0.6])
 
 
@@ -119,14 +141,14 @@ class SamplerParams:
 class GateParams:
     teacher_steps: list[int] = _spec(
         help="teacher step counts sampled by the gate; must include sampler.teacher_steps (the reference row)", check=_each_teacher_steps,
-        default_factory=lambda: [1, 2, 4, 20])
+        bounds=(1, 1000), default_factory=lambda: [1, 2, 4, 20])
     student_steps: list[int] = _spec(
-        help="student step counts scored by the gate", check=_each_in(STUDENT_STEPS),
+        help="student step counts scored by the gate", check=_each_in(STUDENT_STEPS), bounds=(1, max(STUDENT_STEPS)),
         default_factory=lambda: list(STUDENT_STEPS))
-    n_prompts: int = _spec(8, help="prompts in the gate set", check=_positive)
-    seeds_per_prompt: int = _spec(4, help="images per prompt (fixed seeds)", check=_positive)
+    n_prompts: int = _spec(8, help="prompts in the gate set", check=_positive, bounds=(1, 1_000_000))
+    seeds_per_prompt: int = _spec(4, help="images per prompt (fixed seeds)", check=_positive, bounds=(1, 1000))
     image_size: int = _spec(32, help="nano: image side in pixels", check=lambda v: None if v % 16 == 0 and v > 0
-                            else "must be a positive multiple of 16")
+                            else "must be a positive multiple of 16", bounds=(16, 4096))
     inception_weights: Optional[str] = _spec(
         None, help="FID: local InceptionV3 weights of torch-fidelity (pt_inception-2015-12-05-6726825d.pth); "
                    "null: FID is reported as not computed")
@@ -138,16 +160,21 @@ class GateParams:
 @dataclass
 class TeacherParams:
     train: bool = _spec(False, help="00_nano_teacher: retrain the nano teacher instead of loading the shipped one")
-    minutes: float = _spec(60.0, help="training time budget (stops after a checkpoint when exceeded)", check=_positive)
-    steps: int = _spec(100_000, help="maximum optimizer steps", check=_positive)
-    batch_size: int = _spec(64, help="images per step", check=_positive)
-    lr: float = _spec(4e-4, help="AdamW learning rate (after warm-up)", check=_positive)
+    minutes: float = _spec(60.0, help="time budget of one invocation: training pauses after a checkpoint (the "
+                                      "notebook ends incomplete; rerun to resume); teacher.steps decides what is trained",
+                           check=_positive, bounds=(0, MAX_MINUTES))
+    steps: int = _spec(7_200, help="optimizer steps (what is trained; the time budget only pauses)", check=_positive,
+                       bounds=(1, MAX_STEPS))
+    batch_size: int = _spec(64, help="images per step", check=_positive, bounds=(1, MAX_BATCH))
+    lr: float = _spec(4e-4, help="AdamW learning rate (after warm-up)", check=_positive, bounds=(0, MAX_LR))
     caption_dropout: float = _spec(0.1, help="fraction of empty-prompt examples (so CFG works)",
-                                   check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
-    jitter_seeds: int = _spec(16, help="renders per attribute combination in the training pool", check=_positive)
+                                   check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)", bounds=(0, 1))
+    jitter_seeds: int = _spec(16, help="renders per attribute combination in the training pool", check=_positive,
+                              bounds=(1, 10_000))
     logit_std: float = _spec(1.4, help="training times s = sigmoid(N(logit_mean, logit_std)); wider reaches the ends",
-                             check=_positive)
-    logit_mean: float = _spec(0.0, help="centre of the logit-normal training times; below 0 favours low noise (detail)")
+                             check=_positive, bounds=(0, 10))
+    logit_mean: float = _spec(0.0, help="centre of the logit-normal training times; below 0 favours low noise (detail)",
+                              bounds=(-10, 10))
     init: str = _spec("scratch", help="'scratch' (random init from run.seed) or 'shipped' (fine-tune the shipped teacher)",
                       allowed=("scratch", "shipped"))
 
@@ -155,9 +182,9 @@ class TeacherParams:
 @dataclass
 class CacheParams:
     n_prompts: int = _spec(512, help="nano: prompts drawn from the nano world (ignored when prompts_file is set)",
-                           check=_positive)
+                           check=_positive, bounds=(1, 10_000_000))
     prompts_file: Optional[str] = _spec(None, help="JSONL with id, prompt and optional negative per line")
-    shard_size: int = _spec(64, help="prompts per shard file", check=_positive)
+    shard_size: int = _spec(64, help="prompts per shard file", check=_positive, bounds=(1, 100_000))
     dtype: str = _spec("bfloat16", help="dtype of the stored trajectories", allowed=DTYPES)
     precision: str = _spec("q8_0", help="text-embedding precision the distillation reader yields",
                            allowed=("f16", "bf16", "q8_0"))
@@ -173,27 +200,34 @@ def _each_method(values):
 @dataclass
 class DistillParams:
     student_steps: int = _spec(400, help="student optimizer steps of every method (rCM adds student_every-1 critic "
-                                         "steps per student step)", check=_positive)
-    minutes: float = _spec(20.0, help="time budget of the rCM run (baselines get the same); stops after a checkpoint",
-                           check=_positive)
-    batch_size: int = _spec(32, help="global batch (split across torchrun ranks)", check=_positive)
-    lr: float = _spec(1e-4, help="student AdamW learning rate, betas (0, 0.999), no clipping", check=_positive)
+                                         "steps per student step)", check=_positive, bounds=(1, MAX_STEPS))
+    minutes: float = _spec(20.0, help="time budget per method and invocation: training pauses after a checkpoint "
+                                      "(the notebook ends incomplete; rerun to resume); distill.student_steps decides "
+                                      "what is trained",
+                           check=_positive, bounds=(0, MAX_MINUTES))
+    batch_size: int = _spec(32, help="global batch (split across torchrun ranks)", check=_positive,
+                            bounds=(1, MAX_BATCH))
+    lr: float = _spec(1e-4, help="student AdamW learning rate, betas (0, 0.999), no clipping", check=_positive,
+                      bounds=(0, MAX_LR))
     fake_lr: float = _spec(2e-5, help="fake-score (critic) learning rate; rCM uses 5x below the student's",
-                           check=_positive)
+                           check=_positive, bounds=(0, MAX_LR))
     student_every: int = _spec(5, help="rCM: one student step every N iterations, the rest train the critic (F)",
-                               check=_positive)
+                               check=_positive, bounds=(1, 1000))
     ema_decay: float = _spec(0.99, help="EMA of the student (what the gate scores)",
-                             check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+                             check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)", bounds=(0, 1))
     checkpoint_every: int = _spec(100, help="iterations between atomic checkpoints (and EMA snapshots)",
-                                  check=_positive)
-    scm_weight: float = _spec(100.0, help="weight of the sum-reduced sCM loss", check=_positive)
+                                  check=_positive, bounds=(1, MAX_STEPS))
+    scm_weight: float = _spec(100.0, help="weight of the sum-reduced sCM loss", check=_positive, bounds=(0, 1e6))
     dmd_weight: float = _spec(1.0, help="weight of the sum-reduced DMD loss (lambda = dmd/scm = 0.01); 0 = sCM only",
-                              check=_non_negative)
-    max_rollout: int = _spec(4, help="student rollouts of 1..N steps for DMD and the critic", check=_positive)
+                              check=_non_negative, bounds=(0, 1e6))
+    max_rollout: int = _spec(4, help="student rollouts of 1..N steps for DMD and the critic", check=_positive,
+                             bounds=(1, 64))
     tangent_warmup: int = _spec(0, help="H: student steps of tangent warm-up (0 as rCM for Cosmos)",
-                                check=_non_negative)
-    p_g: list[float] = _spec(help="sCM times: [mean, std] of log(tan t)", default_factory=lambda: [-0.8, 1.6])
-    p_d: list[float] = _spec(help="DMD/critic times: [mean, std] of log(tan t)", default_factory=lambda: [0.0, 1.6])
+                                check=_non_negative, bounds=(0, MAX_STEPS))
+    p_g: list[float] = _spec(help="sCM times: [mean, std] of log(tan t)", bounds=(-10, 10),
+                             default_factory=lambda: [-0.8, 1.6])
+    p_d: list[float] = _spec(help="DMD/critic times: [mean, std] of log(tan t)", bounds=(-10, 10),
+                             default_factory=lambda: [0.0, 1.6])
     baselines: list[str] = _spec(help="also train these for the gate: 'scm' (rCM without DMD), 'lcm' (LCM-style)",
                                  check=_each_method, default_factory=lambda: ["scm", "lcm"])
     checkpoint: str = _spec("last", help="what 05_quality_gate scores: 'last' (the final EMA) or a path to an "
@@ -202,15 +236,15 @@ class DistillParams:
 
 @dataclass
 class QuantParams:
-    bits: int = _spec(4, help="MLX-affine bits of the DiT's default layers", allowed=(3, 4, 8))
+    bits: int = _spec(4, help="MLX-affine bits of the DiT's default layers", allowed=(3, 4, 8), bounds=(3, 8))
     group_size: int = _spec(32, help="MLX-affine group size (consecutive input features sharing a scale and bias)",
-                            allowed=(32, 64, 128))
+                            allowed=(32, 64, 128), bounds=(32, 128))
     method: str = _spec("search", help="'minmax' (exactly mlx.core.quantize), 'rerround' (codes re-chosen with the "
                                        "stored scale/bias) or 'search' (clip search + least-squares refit)",
                         allowed=("minmax", "rerround", "search"))
     sensitivity_threshold: float = _spec(
         0.999, help="a layer whose single-layer output cosine at the default format is below this goes to 8 bits",
-        check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]")
+        check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]", bounds=(0, 1))
     text_encoder: str = _spec("q8_0", help="text encoder format on the phone", allowed=("q8_0",))
 
 
@@ -232,24 +266,26 @@ def _strengths(values):
 @dataclass
 class DeturboParams:
     rank: int = _spec(64, help="LoRA rank of the De-Turbo adapter A on the student's attention and MLP linears",
-                      check=_lora_rank)
+                      check=_lora_rank, bounds=(1, 512))
     alpha: float = _spec(64.0, help="LoRA alpha (scale = alpha / rank)", check=lambda v: None if 0 < v <= 4096
-                         else "must be in (0, 4096]")
+                         else "must be in (0, 4096]", bounds=(0, 4096))
     init: str = _spec("svd", help="'svd' (A starts as the rank-r SVD of teacher - student weights on its targets) "
                                   "or 'zeros' (peft's default: A starts as no change)", allowed=("svd", "zeros"))
-    steps: int = _spec(1500, help="optimizer steps", check=_positive)
-    minutes: float = _spec(8.0, help="time budget (stops after a checkpoint)", check=_positive)
-    batch_size: int = _spec(32, help="examples per step", check=_positive)
-    lr: float = _spec(5e-4, help="AdamW learning rate of the adapter", check=_positive)
+    steps: int = _spec(1500, help="optimizer steps", check=_positive, bounds=(1, MAX_STEPS))
+    minutes: float = _spec(8.0, help="time budget of one invocation: training pauses after a checkpoint (rerun to "
+                                      "resume); deturbo.steps decides what is trained", check=_positive, bounds=(0, MAX_MINUTES))
+    batch_size: int = _spec(32, help="examples per step", check=_positive, bounds=(1, MAX_BATCH))
+    lr: float = _spec(5e-4, help="AdamW learning rate of the adapter", check=_positive, bounds=(0, MAX_LR))
     caption_dropout: float = _spec(0.15, help="fraction of examples whose context (and target) is the negative "
-                                              "prompt's, so CFG works on student+A", check=_fraction)
+                                              "prompt's, so CFG works on student+A", check=_fraction, bounds=(0, 1))
     student_fraction: float = _spec(0.25, help="fraction of each batch from the student's own 4-step samples (the "
-                                               "rest: the cache's teacher latents)", check=_fraction)
+                                               "rest: the cache's teacher latents)", check=_fraction, bounds=(0, 1))
     uniform_fraction: float = _spec(0.1, help="fraction of training times drawn uniformly (coverage of the ends)",
-                                    check=_fraction)
+                                    check=_fraction, bounds=(0, 1))
     student_samples: int = _spec(512, help="4-step student samples drawn once on the cache prompts for the mix",
-                                 check=_positive)
-    checkpoint_every: int = _spec(100, help="steps between atomic checkpoints", check=_positive)
+                                 check=_positive, bounds=(1, 1_000_000))
+    checkpoint_every: int = _spec(100, help="steps between atomic checkpoints", check=_positive,
+                                  bounds=(1, MAX_STEPS))
 
 
 @dataclass
@@ -258,23 +294,28 @@ class LoraParams:
         None, help="style data: a folder of images with same-name .txt captions; null = the nano renderer's style mode "
                    "written to outputs/<run>/style_data")
     style_images: int = _spec(256, help="nano style data: images rendered in 'our style' (prompts x 2 jitter seeds)",
-                              check=_positive)
+                              check=_positive, bounds=(1, 1_000_000))
     ways: list[str] = _spec(help="which LoRAs 06 trains: 'teacher' (on the teacher), 'deturbo' (on student+A), "
                                  "'student' (directly on the student)", check=_each_in(("teacher", "deturbo", "student")),
                             default_factory=lambda: ["teacher", "deturbo", "student"])
-    rank: int = _spec(8, help="style LoRA rank", check=_lora_rank)
+    rank: int = _spec(8, help="style LoRA rank", check=_lora_rank, bounds=(1, 512))
     alpha: float = _spec(8.0, help="style LoRA alpha (scale = alpha / rank)",
-                         check=lambda v: None if 0 < v <= 4096 else "must be in (0, 4096]")
-    steps: int = _spec(600, help="optimizer steps per LoRA (each way gets the same)", check=_positive)
-    minutes: float = _spec(5.0, help="time budget per LoRA (stops after a checkpoint)", check=_positive)
-    batch_size: int = _spec(32, help="images per step", check=_positive)
-    lr: float = _spec(1e-3, help="AdamW learning rate", check=_positive)
+                         check=lambda v: None if 0 < v <= 4096 else "must be in (0, 4096]", bounds=(0, 4096))
+    steps: int = _spec(600, help="optimizer steps per LoRA (each way gets the same)", check=_positive,
+                       bounds=(1, MAX_STEPS))
+    minutes: float = _spec(5.0, help="time budget per LoRA and invocation: training pauses after a checkpoint "
+                                      "(rerun to resume); lora.steps decides what is trained", check=_positive,
+                           bounds=(0, MAX_MINUTES))
+    batch_size: int = _spec(32, help="images per step", check=_positive, bounds=(1, MAX_BATCH))
+    lr: float = _spec(1e-3, help="AdamW learning rate", check=_positive, bounds=(0, MAX_LR))
     caption_dropout: float = _spec(0.1, help="fraction of empty-prompt examples (CFG on the teacher+LoRA)",
-                                   check=_fraction)
-    strength: float = _spec(1.0, help="LoRA strength of the main comparison rows", check=lambda v: _strengths([v]))
-    strengths: list[float] = _spec(help="the strength sweep of 06", check=_strengths,
+                                   check=_fraction, bounds=(0, 1))
+    strength: float = _spec(1.0, help="LoRA strength of the main comparison rows", check=lambda v: _strengths([v]),
+                            bounds=(0, 4))
+    strengths: list[float] = _spec(help="the strength sweep of 06", check=_strengths, bounds=(0, 4),
                                    default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
-    checkpoint_every: int = _spec(100, help="steps between atomic checkpoints", check=_positive)
+    checkpoint_every: int = _spec(100, help="steps between atomic checkpoints", check=_positive,
+                                  bounds=(1, MAX_STEPS))
 
 
 @dataclass
@@ -341,6 +382,51 @@ def _type_name(annotation) -> str:
     return "null" if annotation is type(None) else annotation.__name__
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-4, 1E5 and 2.5e3 as floats (YAML 1.1 wants a dot and a signed exponent)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
+def _check_duplicates(node, where: str, prefix: str = "") -> None:
+    """PyYAML keeps the last of two equal keys silently; a repeated key is almost always an editing mistake."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            if key in seen:
+                raise ConfigError(f"{where}: line {key_node.start_mark.line + 1}: duplicate key {key}; "
+                                  f"each key may appear once")
+            seen.add(key)
+            _check_duplicates(value_node, where, f"{key}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_duplicates(item, where, prefix)
+
+
+def _yaml_load(text: str, where: str) -> Any:
+    """YAML with scientific-notation floats and no duplicate keys; errors are one-line ConfigErrors naming `where`."""
+    try:
+        loader = _Loader(text)  # its reader already rejects control characters
+        node = loader.get_single_node()
+        _check_duplicates(node, where)
+        return None if node is None else loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line for the CLI's one-line error
+        raise ConfigError(f"{where}: not valid YAML: {problem}{at}") from None
+
+
+def _numbers(value) -> list:
+    """The numeric entries of a value (itself, or the items of a list), for the finiteness and range checks."""
+    items = value if isinstance(value, list) else [value]
+    return [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
 def _build_section(name: str, raw: Any, source: str):
     cls = _SECTION_CLASSES[name]
     if not isinstance(raw, dict):
@@ -360,12 +446,20 @@ def _build_section(name: str, raw: Any, source: str):
             value = float(value)
         if typing.get_origin(annotation) is list and typing.get_args(annotation)[0] is float:
             value = [float(v) for v in value]
+        if any(not math.isfinite(v) for v in _numbers(value)):  # .inf/.nan would pass every comparison-based check
+            raise ConfigError(f"{source}: {name}.{key} = {value!r} must be finite (no .inf or .nan) ({meta['help']})")
         if meta.get("allowed") is not None and value not in meta["allowed"]:
             raise ConfigError(f"{source}: {name}.{key} = {value!r} is not allowed; allowed: {list(meta['allowed'])}")
         if meta.get("check") is not None and value is not None:
             problem = meta["check"](value)
             if problem:
                 raise ConfigError(f"{source}: {name}.{key} = {value!r} {problem} ({meta['help']})")
+        if meta.get("bounds") is not None and value is not None:
+            low, high = meta["bounds"]
+            if any(not (low <= v <= high) for v in _numbers(value)):
+                each = "each entry " if isinstance(value, list) else ""
+                raise ConfigError(f"{source}: {name}.{key} = {value!r}: {each}must be between {low} and {high} "
+                                  f"({meta['help']})")
         values[key] = value
     return cls(**values)
 
@@ -378,10 +472,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if len(path) != 2 or not all(path):
         raise ConfigError(f"--set {text!r}: the key must be section.key (sections: {sorted(SECTIONS)})")
-    try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from None
+    value = _yaml_load(raw_value, f"--set {text!r}") if raw_value.strip() else ""
     return path, value
 
 
@@ -402,11 +493,17 @@ def load_config(preset: str | os.PathLike = "nano", overrides: list[str] | dict 
                 check_paths: bool = True) -> Params:
     """Read a preset, apply overrides, validate types, values, checkpoint paths and the output folder."""
     path = resolve_preset(preset)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     source = _display(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the file as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot be read ({exc.strerror})") from None
+    raw = _yaml_load(text, source)
+    if raw is None or raw == {}:  # code defaults differ from every preset: an empty file would silently run them
+        raise ConfigError(f"{source}: the file is empty (no sections); start from a preset: copy params/nano.yaml "
+                          f"and edit it, or use a preset with --set section.key=value overrides")
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections {sorted(SECTIONS)}")
     for section in raw:
@@ -436,6 +533,8 @@ def load_config(preset: str | os.PathLike = "nano", overrides: list[str] | dict 
     if params.distill.checkpoint != "last" and not _resolve(params.distill.checkpoint).is_file():
         raise ConfigError(f"{source}: distill.checkpoint = {params.distill.checkpoint!r}: no such file (use 'last' or "
                           f"an ema_<iteration>.safetensors written by 02_distill)")
+    if params.model.preset == "nano":
+        _check_nano_negative_prompt(params)
     if params.sampler.teacher_steps not in params.gate.teacher_steps:
         raise ConfigError(f"{source}: gate.teacher_steps = {params.gate.teacher_steps} must include "
                           f"sampler.teacher_steps = {params.sampler.teacher_steps} (the gate's reference row)")
@@ -464,6 +563,16 @@ def _display(path: Path) -> str:
         return str(path)
 
 
+def _check_nano_negative_prompt(p: Params) -> None:
+    """The nano tokenizer is word-level over a closed vocabulary: say so now, not after loading the models."""
+    from .nano_world.prompts import vocabulary  # the nano tokenizer's word list (models.nano_tokenizer); no torch
+    allowed = vocabulary()
+    unknown = sorted({w for w in p.sampler.negative_prompt.split() if w not in allowed})
+    if unknown:
+        raise ConfigError(f"{p.source}: sampler.negative_prompt = {p.sampler.negative_prompt!r}: words outside the nano "
+                          f"vocabulary {unknown}; allowed words: {allowed} (or empty)")
+
+
 def _check_model_paths(p: Params) -> None:
     m, src = p.model, p.source
     if m.preset == "nano":
@@ -489,13 +598,18 @@ def _check_model_paths(p: Params) -> None:
 
 
 def _check_writable(p: Params) -> None:
+    """Validation creates nothing: the folder, or its nearest existing ancestor, must be a writable directory."""
     for key, folder in (("run.output_dir", _resolve(p.run.output_dir)), ("run.report_dir", _resolve(p.run.report_dir))):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-                pass
-        except OSError as exc:
-            raise ConfigError(f"{p.source}: {key} = {str(folder)!r} is not writable ({exc.strerror})") from None
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            problem = f"{existing} is not a folder"
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            problem = f"no write permission on {existing}"
+        else:
+            continue
+        raise ConfigError(f"{p.source}: {key} = {str(folder)!r} is not writable ({problem})")
 
 
 def describe() -> str:
@@ -506,5 +620,7 @@ def describe() -> str:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             allowed = f" (allowed: {list(f.metadata['allowed'])})" if f.metadata.get("allowed") else ""
+            if f.metadata.get("bounds") and not allowed:
+                allowed = " (range: {} .. {})".format(*f.metadata["bounds"])
             lines.append(f"  {f.name}: {default!r}  # {f.metadata['help']}{allowed}")
     return "\n".join(lines)

@@ -16,10 +16,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import flow, models, sampler, text
-from .io import atomic_write_json
+from .io import atomic_write_json, load_finite
 from .quant.packed import QuantizedLinear
 from .text import worst_row_cosine
 
@@ -87,24 +87,25 @@ def write(folder: Path, components: models.AnimaComponents, student: torch.nn.Mo
 
 @torch.no_grad()
 def replay(folder: Path, components: models.AnimaComponents, student: torch.nn.Module) -> dict[str, float]:
-    """Recompute every stored output from the stored inputs; {output: worst-row cosine}."""
+    """Recompute every stored output from the stored inputs; {output: worst-row cosine}. A fixture file holding
+    NaN/Inf is refused (io.NonFiniteWeightsError naming the file and the tensor) instead of scoring NaN cosines."""
     folder = Path(folder)
     index = json.loads((folder / INDEX).read_text())
     results = {}
-    stored_text = load_file(folder / "text.safetensors")
+    stored_text = load_finite(folder / "text.safetensors")
     context = text.text_path_at(components, "q8_0").encode_prompts(index["prompts"]).float()
     results["text.context"] = worst_row_cosine(context, stored_text["context"])
 
     def velocity(x, s, c):
         return models.transformer_velocity(student, x, s, c)
 
-    dit = load_file(folder / "dit.safetensors")
+    dit = load_finite(folder / "dit.safetensors")
     results["dit.velocity"] = worst_row_cosine(_latent_rows(velocity(dit["x"], dit["sigma"], dit["context"])),
                                                _latent_rows(dit["velocity"]))
     for name in sorted(index["files"]):
         if not name.startswith("sampler_"):
             continue
-        stored = load_file(folder / name)
+        stored = load_finite(folder / name)
         k = sum(1 for key in stored if key.startswith("noise."))
         trace: list = []
         final = sampler.consistency_sample(velocity, [stored[f"noise.{i}"] for i in range(k)],
@@ -113,7 +114,7 @@ def replay(folder: Path, components: models.AnimaComponents, student: torch.nn.M
             results[f"{name[:-12]}.step{i}.x0"] = worst_row_cosine(_latent_rows(step["x0"]),
                                                                   _latent_rows(stored[f"step{i}.x0"]))
         results[f"{name[:-12]}.final"] = worst_row_cosine(_latent_rows(final), _latent_rows(stored["final"]))
-    weights = load_file(folder / "weights.safetensors")
+    weights = load_finite(folder / "weights.safetensors")
     for name, fmt in index.get("weight_formats", {}).items():
         from .quant import mlx_affine
         deq = mlx_affine.dequantize(weights[f"{name}.weight"], weights[f"{name}.scales"], weights[f"{name}.biases"],

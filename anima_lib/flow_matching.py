@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import flow
-from .io import atomic_replace_dir, atomic_write_json
+from .io import atomic_replace_dir, atomic_write_json, load_finite, recover_dir
 
 
 @dataclass
@@ -34,7 +34,7 @@ class FlowMatchingConfig:
     time_shift: float = 1.0           # 1 = plain logit-normal; >1 moves training time toward high noise
     uniform_fraction: float = 0.0     # this fraction of times drawn uniformly in (0, 1) instead (coverage of the ends)
     checkpoint_every: int = 200
-    time_budget_s: Optional[float] = None  # stop (after a checkpoint) when exceeded
+    time_budget_s: Optional[float] = None  # of one invocation: pause (after a checkpoint) when exceeded; rerun resumes
     seed: int = 0
 
 
@@ -107,7 +107,9 @@ def train_flow_matching(modules: dict[str, torch.nn.Module], velocity_fn: Callab
 
     batches(step, generator) -> (x0 latents [B,...], context [B,L,D]); velocity_fn(x, sigma, context) -> v;
     target_fn: see flow_matching_loss. A checkpoint written with other training settings is refused, not mixed in.
-    Returns {"step", "wall_s", "losses"}; EMA weights are in checkpoint_dir/last/ema.safetensors.
+    `cfg.steps` decides what is trained; `cfg.time_budget_s` only pauses this invocation after a checkpoint
+    ("paused": True), and calling again resumes exactly. Returns {"step", "wall_s", "losses", "paused"}; EMA weights
+    are in checkpoint_dir/last/ema.safetensors.
     """
     checkpoint_dir = Path(checkpoint_dir)
     named = {f"{m}.{n}": p for m, module in modules.items() for n, p in module.named_parameters() if p.requires_grad}
@@ -116,23 +118,27 @@ def train_flow_matching(modules: dict[str, torch.nn.Module], velocity_fn: Callab
     ema = EMA(named, cfg.ema_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     step, wall_s, losses = 0, 0.0, []
-    last = checkpoint_dir / "last"
+    last = recover_dir(checkpoint_dir / "last")  # a kill inside the folder swap leaves the old copy: use it
     if (last / "state.json").is_file():  # resume exactly: weights, EMA, optimizer, RNG, step
         meta = json.loads((last / "state.json").read_text())
-        _check_same_run(meta.get("config", {}), asdict(cfg), last)
-        weights = load_file(last / "weights.safetensors")
+        check_same_run(meta.get("config", {}), asdict(cfg), last)
+        if meta["step"] > cfg.steps:
+            raise ValueError(f"{last}: the checkpoint has trained {meta['step']} steps, more than the {cfg.steps} "
+                             f"asked for; ask for at least {meta['step']} steps or delete the folder to start over")
+        weights = load_finite(last / "weights.safetensors")
         with torch.no_grad():
             for k, p in named.items():
                 p.copy_(weights[k])
-        ema.shadow = {k: v.float() for k, v in load_file(last / "ema.safetensors").items()}
-        _load_optimizer_state(optimizer, names, load_file(last / "optimizer.safetensors"))
+        ema.shadow = {k: v.float() for k, v in load_finite(last / "ema.safetensors").items()}
+        _load_optimizer_state(optimizer, names, load_finite(last / "optimizer.safetensors"))
         generator.set_state(load_file(last / "rng.safetensors")["generator"])
         step, wall_s, losses = meta["step"], meta["wall_s"], meta["losses"]
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, initial=step, desc=desc, mininterval=5)
-    started = time.perf_counter() - wall_s
+    started = time.perf_counter() - wall_s  # wall_s counts every invocation; the budget only this one
+    invocation_started = time.perf_counter()
 
     def save():
         staging = checkpoint_dir / ".last.tmp"
@@ -148,7 +154,7 @@ def train_flow_matching(modules: dict[str, torch.nn.Module], velocity_fn: Callab
     for module in modules.values():
         module.train()
     while step < cfg.steps:
-        if cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s:
+        if cfg.time_budget_s is not None and time.perf_counter() - invocation_started > cfg.time_budget_s:
             break
         for group in optimizer.param_groups:
             group["lr"] = warmup_lr(cfg.lr, cfg.warmup_steps, step)
@@ -177,24 +183,39 @@ def train_flow_matching(modules: dict[str, torch.nn.Module], velocity_fn: Callab
         bar.close()
     for module in modules.values():
         module.eval()
-    return {"step": step, "wall_s": time.perf_counter() - started, "losses": losses}
+    return {"step": step, "wall_s": time.perf_counter() - started, "losses": losses, "paused": step < cfg.steps}
 
 
 RESUMABLE_CHANGES = ("steps", "time_budget_s", "checkpoint_every")  # may differ between a run and its resumption
 
 
-def _check_same_run(saved: dict, current: dict, folder: Path) -> None:
-    changed = {k: (saved[k], current[k]) for k in current if k in saved and k not in RESUMABLE_CHANGES
+def _flatten(settings: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_same_run(saved: dict, current: dict, folder: Path, resumable=RESUMABLE_CHANGES,
+                   param_names: Optional[dict] = None) -> None:
+    """Refuse to resume a checkpoint written with other settings (what is learned would silently mix); the message
+    names each changed setting (as the parameter a user sets, where `param_names` maps it) and both values."""
+    saved, current = _flatten(saved), _flatten(json.loads(json.dumps(current)))  # JSON: tuples compare as lists
+    changed = {k: (saved[k], current[k]) for k in current if k in saved and k not in resumable
                and saved[k] != current[k]}
     if changed:
-        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
-        raise ValueError(f"{folder}: a checkpoint of a run with other settings ({detail}); delete the folder to start "
-                         f"over or restore the settings to resume")
+        names = param_names or {}
+        detail = ", ".join(f"{names.get(k, k)}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
+        raise ValueError(f"{folder}: a checkpoint of a run with other settings ({detail}); restore the settings to "
+                         f"resume, or use another run.name (or delete the folder) to start over")
 
 
 def load_ema_into(modules: dict[str, torch.nn.Module], checkpoint_dir: Path) -> None:
     """Copy the EMA weights of a training run into the modules (what gets shipped and sampled)."""
-    shadow = load_file(Path(checkpoint_dir) / "last" / "ema.safetensors")
+    shadow = load_finite(recover_dir(Path(checkpoint_dir) / "last") / "ema.safetensors")
     with torch.no_grad():
         for m, module in modules.items():
             for n, p in module.named_parameters():

@@ -31,7 +31,7 @@ from diffusers.loaders import AnimaLoraLoaderMixin
 
 from . import comfy_keys, models
 from .flow_matching import FlowMatchingConfig, load_ema_into, train_flow_matching
-from .io import atomic_replace_dir, atomic_write_json, sha256_file
+from .io import NonFiniteWeightsError, atomic_replace_dir, atomic_write_json, check_finite, sha256_file
 
 TARGET_MODULES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
                   "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -44,6 +44,10 @@ TRAINING_ADAPTER = "learned"  # not "train": a ModuleDict key may not shadow nn.
 
 class LoraError(ValueError):
     """A LoRA that does not fit the model (unmatched module names, wrong shapes, a rank the layers cannot hold)."""
+
+
+class NonFiniteLoraError(LoraError, NonFiniteWeightsError):
+    """A LoRA file holding NaN/Inf; the message names the file and the tensor (caught as either parent)."""
 
 
 class StyleDataError(ValueError):
@@ -90,8 +94,21 @@ def check_rank(transformer: torch.nn.Module, rank: int) -> None:
                         f"must be between 1 and {narrowest}")
 
 
+def check_pairs(down: dict, up: dict, source: str = "LoRA") -> None:
+    """Each module's A [r, in] and B [out, r] are matrices of one rank r; else LoraError naming the modules and shapes
+    (a rank mismatch would otherwise surface as torch's RuntimeError in the middle of fusing or loading)."""
+    if set(down) != set(up):
+        raise LoraError(f"{source}: modules with only one of lora_A/lora_B: {sorted(set(down) ^ set(up))[:12]}")
+    bad = [f"{n}: lora_A {tuple(down[n].shape)} lora_B {tuple(up[n].shape)}" for n in sorted(down)
+           if down[n].dim() != 2 or up[n].dim() != 2 or down[n].shape[0] != up[n].shape[1] or down[n].shape[0] < 1]
+    if bad:
+        raise LoraError(f"{source}: lora_A must be [rank, in] and lora_B [out, rank] with the same rank; "
+                        f"{len(bad)} module(s) disagree: {bad[:6]}{' ...' if len(bad) > 6 else ''}")
+
+
 def check_keys(transformer: torch.nn.Module, lora: LoraWeights) -> None:
     """Every module of the LoRA must be a target Linear of the model with matching shapes; else name them all."""
+    check_pairs(lora.down, lora.up)
     linears = target_linears(transformer)
     unmatched = sorted(set(lora.down) - set(linears))
     if unmatched:
@@ -107,10 +124,11 @@ def check_keys(transformer: torch.nn.Module, lora: LoraWeights) -> None:
 @torch.no_grad()
 def fused(transformer: torch.nn.Module, loras: list[tuple[LoraWeights, float]]) -> torch.nn.Module:
     """A copy of `transformer` with every (lora, strength) folded into its weights; the input is not touched."""
+    for lora, _ in loras:  # every LoRA checked before any weight is touched
+        check_keys(transformer, lora)
     out = copy.deepcopy(transformer)
     linears = target_linears(out)
     for lora, strength in loras:
-        check_keys(out, lora)
         for name in lora.down:
             weight = linears[name].weight
             weight.copy_((weight.double() + strength * lora.delta(name).double()).to(weight.dtype))
@@ -142,6 +160,14 @@ def from_adapter(transformer: torch.nn.Module, rank: int, alpha: float, name: st
 @torch.no_grad()
 def set_adapter(transformer: torch.nn.Module, lora: LoraWeights, name: str = TRAINING_ADAPTER) -> None:
     """Copy `lora` into the peft adapter `name` (same rank); used to start training from a given LoRA."""
+    check_pairs(lora.down, lora.up)
+    adapters = {n: m for n, m in transformer.named_modules() if n in lora.down and hasattr(m, "lora_A")}
+    bad = [f"{n}: lora_A {tuple(lora.down[n].shape)} lora_B {tuple(lora.up[n].shape)} vs adapter lora_A "
+           f"{tuple(m.lora_A[name].weight.shape)} lora_B {tuple(m.lora_B[name].weight.shape)}"
+           for n, m in sorted(adapters.items())
+           if lora.down[n].shape != m.lora_A[name].weight.shape or lora.up[n].shape != m.lora_B[name].weight.shape]
+    if bad:
+        raise LoraError(f"LoRA shapes do not match the adapter {name!r}: {bad[:6]}")
     for module_name, module in transformer.named_modules():
         if module_name in lora.down and hasattr(module, "lora_A"):
             module.lora_A[name].weight.copy_(lora.down[module_name] * (lora.scale / module.scaling[name]))
@@ -199,14 +225,19 @@ def read_lora(path) -> LoraWeights:
         raise LoraError(f"{path}: no such LoRA file")
     with safe_open(path, framework="pt") as f:
         metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        try:  # the file's own tensor names (ComfyUI or diffusers keys), before diffusers converts them
+            check_finite({k: f.get_tensor(k) for k in f.keys()}, str(path))
+        except NonFiniteWeightsError as exc:
+            raise NonFiniteLoraError(str(exc)) from None
     state = AnimaLoraLoaderMixin.lora_state_dict(str(path))  # diffusers' reader: ComfyUI keys become diffusers keys
     other = sorted(k for k in state if not k.startswith("transformer.") or not k.endswith((".lora_A.weight",
                                                                                           ".lora_B.weight")))
     if other:
         raise LoraError(f"{path}: keys that are not transformer LoRA matrices: {other[:12]}")
     down, up = _split_matrices(state, prefix="transformer.")
-    if set(down) != set(up):
-        raise LoraError(f"{path}: modules with only one of lora_A/lora_B: {sorted(set(down) ^ set(up))[:12]}")
+    if not down:
+        raise LoraError(f"{path}: no lora_A/lora_B matrices")
+    check_pairs(down, up, str(path))
     rank = next(iter(down.values())).shape[0]
     return LoraWeights(down, up, int(metadata.get("transformer.r", rank)), float(metadata.get("transformer.lora_alpha", rank)))
 
@@ -442,7 +473,7 @@ def train_style_lora(params, components, way: str, student: torch.nn.Module,
     folder_name = f"deturbo-{deturbo_adapter.digest()[:8]}" if way == "deturbo" else way
     out = params.output_path() / "lora" / f"style-{key}" / folder_name
     manifest = read_manifest(out)
-    if manifest is not None and manifest.get("settings") == settings:
+    if manifest is not None and manifest.get("settings") == settings and manifest.get("finished", True):
         return read_lora(out), manifest
     text_path = text.text_path_at(components, params.cache.precision)
     unique = sorted(set(captions))
@@ -456,6 +487,8 @@ def train_style_lora(params, components, way: str, student: torch.nn.Module,
     record = {"kind": "style", "settings": settings, "data_folder": str(folder), "steps": result["step"],
               "wall_s": result["wall_s"], "finished": result["step"] >= params.lora.steps,
               "final_loss": sum(losses) / max(1, len(losses)), "losses": result["losses"]}
+    if result["paused"]:  # the time budget paused training: nothing half-trained is saved as the LoRA
+        return lora, {**record, "parameters": lora.num_parameters()}
     save_lora(lora, out, record)
     return lora, read_manifest(out)
 

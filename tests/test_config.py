@@ -139,3 +139,138 @@ def test_describe_lists_every_parameter():
     for section, cls in config._SECTION_CLASSES.items():
         for name in cls.__dataclass_fields__:
             assert f"  {name}:" in text
+
+
+# --- issue 18 hardening -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../../somewhere", "..", "", ".hidden", "a/b", "/abs", "a b", "x" * 101])
+def test_run_name_must_be_one_plain_folder_name(tmp_path, name):
+    with pytest.raises(ConfigError, match=r"run\.name = .* must be one plain folder name"):
+        load_config(write(tmp_path, base(tmp_path)), {"run.name": name})
+
+
+@pytest.mark.parametrize("name", ["nano-2", "v1.2_x", "A", "_tmp"])
+def test_plain_run_names_stay_inside_output_dir(tmp_path, name):
+    p = load_config(write(tmp_path, base(tmp_path)), {"run.name": name})
+    assert p.output_path().parent == tmp_path / "out" and p.output_path().name == name
+
+
+@pytest.mark.parametrize("tag, ok", [("", True), ("rank16", True), ("a.b", True), (".x", False), ("../x", False),
+                                     ("a/b", False)])
+def test_run_tag_follows_the_name_rule_but_may_be_empty(tmp_path, tag, ok):
+    path = write(tmp_path, base(tmp_path))
+    if ok:
+        assert load_config(path, {"run.tag": tag}).report_name() == ("nano-" + tag if tag else "nano")
+    else:
+        with pytest.raises(ConfigError, match=r"run\.tag = .* one plain folder name"):
+            load_config(path, {"run.tag": tag})
+
+
+def test_cli_params_bad_run_name_is_one_line_and_rc_2(capsys):
+    from anima_lib.cli import main
+    assert main(["params", "nano", "--set", "run.name=../x"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1
+    assert err.startswith("anima: parameter error: params/nano.yaml") and "run.name = '../x'" in err
+
+
+def test_scientific_notation_is_a_float(tmp_path):
+    assert config.parse_override("distill.lr=1e-4") == (["distill", "lr"], 1e-4)
+    path = write(tmp_path, base(tmp_path) + "distill:\n  lr: 1e-4\n  fake_lr: 2.5e-5\n  scm_weight: 1E2\n")
+    p = load_config(path, ["teacher.lr=3E-4", "sampler.guidance_scale=1e1", "distill.p_d=[0, 1.6e0]"])
+    assert (p.distill.lr, p.distill.fake_lr, p.distill.scm_weight) == (1e-4, 2.5e-5, 100.0)
+    assert (p.teacher.lr, p.sampler.guidance_scale, p.distill.p_d) == (3e-4, 10.0, [0.0, 1.6])
+
+
+@pytest.mark.parametrize("override", ["distill.lr=.inf", "distill.minutes=.inf", "sampler.guidance_scale=.inf",
+                                      "sampler.shift=.nan", "teacher.logit_mean=-.inf", "distill.p_g=[.nan, 1.0]",
+                                      "lora.strengths=[1.0, .inf]"])
+def test_non_finite_numbers_are_rejected(tmp_path, override):
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key} = .* must be finite"):
+        load_config(write(tmp_path, base(tmp_path)), [override])
+
+
+@pytest.mark.parametrize("override", ["run.seed=100000000000000000000000", "gate.image_size=16000",
+                                      "run.threads=100000", "distill.minutes=100000", "cache.n_prompts=1000000000",
+                                      "distill.lr=2", "teacher.logit_mean=-50"])
+def test_absurd_sizes_are_rejected(tmp_path, override):
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key} = .*must be between"):
+        load_config(write(tmp_path, base(tmp_path)), [override])
+
+
+def _numeric_fields():
+    import dataclasses
+    import typing
+    for section, cls in config._SECTION_CLASSES.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kind = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is list else hints[f.name]
+            if kind in (int, float):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                yield section, f.name, kind, default
+
+
+def test_every_numeric_key_has_a_finite_range(tmp_path):
+    """A new numeric key without a range fails here: +-1e30 (or one such list entry) must be rejected by name."""
+    path = write(tmp_path, base(tmp_path))
+    fields = list(_numeric_fields())
+    assert len(fields) > 40
+    for section, name, kind, default in fields:
+        for huge in (10**30, -10**30):
+            huge = kind(huge)
+            value = [huge, *default[1:]] if isinstance(default, list) else huge
+            with pytest.raises(ConfigError, match=rf"{section}\.{name} = "):
+                load_config(path, {f"{section}.{name}": value})
+
+
+def test_anima_2b_values_are_in_range():
+    p = load_config("anima-2b", ["run.device=cpu"], check_paths=False)
+    assert p.gate.image_size == 1024
+
+
+def test_duplicate_keys_name_key_file_and_line(tmp_path):
+    path = write(tmp_path, base(tmp_path) + "distill:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=rf"{path}: line 6: duplicate key distill\.lr"):
+        load_config(path)
+    path = write(tmp_path, base(tmp_path) + "run:\n  seed: 1\n", name="q.yaml")
+    with pytest.raises(ConfigError, match=rf"{path}: line 4: duplicate key run;"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text", ["", "# nothing but a comment\n", "{}\n"])
+def test_empty_file_is_rejected(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf"{path}: the file is empty.*params/nano.yaml"):
+        load_config(path)
+
+
+def test_invalid_utf8_is_a_parameter_error(tmp_path, capsys):
+    from anima_lib.cli import main
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(base(tmp_path).encode() + b"sampler:\n  negative_prompt: caf\xe9\n")
+    with pytest.raises(ConfigError, match=rf"{path}: not UTF-8 text"):
+        load_config(path)
+    assert main(["params", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "not UTF-8" in err
+
+
+def test_nano_negative_prompt_outside_the_vocabulary(tmp_path):
+    path = write(tmp_path, base(tmp_path))
+    with pytest.raises(ConfigError, match=r"sampler\.negative_prompt = .*outside the nano vocabulary \['blurry', 'ugly'\]"):
+        load_config(path, ["sampler.negative_prompt=blurry ugly creature"])
+    assert load_config(path, ["sampler.negative_prompt=dark background"]).sampler.negative_prompt == "dark background"
+    # anima-2b has a real tokenizer: any words are fine there
+    p = load_config("anima-2b", ["run.device=cpu", "sampler.negative_prompt=blurry, lowres"], check_paths=False)
+    assert p.sampler.negative_prompt == "blurry, lowres"
+
+
+def test_validation_creates_no_folders(tmp_path):
+    from anima_lib.cli import main
+    fresh = tmp_path / "fresh"
+    path = write(tmp_path, f"run:\n  output_dir: {fresh}/out\n  report_dir: {fresh}/rep\n")
+    load_config(path)
+    assert main(["params", str(path)]) == 0
+    assert not fresh.exists()

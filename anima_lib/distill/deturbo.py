@@ -88,7 +88,7 @@ def train_deturbo(params, components, student: torch.nn.Module, progress: bool =
     folder = deturbo_folder(params, components.transformer, student)
     settings = deturbo_settings(params, components.transformer, student)
     manifest = lora.read_manifest(folder)
-    if manifest is not None and manifest.get("settings") == settings:
+    if manifest is not None and manifest.get("settings") == settings and manifest.get("finished", True):
         return lora.read_lora(folder), manifest
     teacher = components.transformer.eval().requires_grad_(False)
     data = CacheBatches(cache_folder(params), precision=params.cache.precision, seed=params.run.seed,
@@ -116,6 +116,8 @@ def train_deturbo(params, components, student: torch.nn.Module, progress: bool =
     record = {"kind": "deturbo", "settings": settings, "steps": result["step"], "wall_s": result["wall_s"],
               "finished": result["step"] >= d.steps, "final_loss": sum(last_losses) / max(1, len(last_losses)),
               "base": "student", "targets": list(lora.TARGET_MODULES), "losses": result["losses"]}
+    if result["paused"]:  # the time budget paused training: nothing half-trained is saved as the adapter
+        return adapter, record
     lora.save_lora(adapter, folder, record)
     return adapter, lora.read_manifest(folder)
 

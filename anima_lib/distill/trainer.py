@@ -4,8 +4,10 @@ One iteration is a student step or, for rCM, a critic (fake-score) step: iterati
 i % student_every == 0 (rCM's F = 5 gives 4 critic updates per student update); the other methods always step
 the student. Checkpoints (student, EMA, fake score, LCM target, both optimizers, RNG, data position, logs) are
 written atomically to <dir>/last every `checkpoint_every` iterations, plus the EMA alone as ema_<iteration>.safetensors
-so the gate can score any mid-run student. A run resumes from <dir>/last exactly; a non-finite loss stops training
-and names the term, leaving the last good checkpoint in place.
+so the gate can score any mid-run student. A run resumes from <dir>/last exactly, and only with the settings it was
+written with (a changed lr, batch, seed, ... is refused, naming the parameter); a non-finite loss stops training
+and names the term, leaving the last good checkpoint in place. `iterations` decides what is trained: the time budget
+only pauses one invocation after a checkpoint (`paused`), and the next invocation resumes.
 Under torchrun every rank takes rows rank::W of each global batch; every random draw is made for the global batch
 (same generator on all ranks) and sliced the same way, and the losses are sums, so gradients are all-reduced by SUM:
 W ranks compute the same update as one process with the whole batch (up to float summation order).
@@ -23,11 +25,19 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..flow_matching import EMA, _load_optimizer_state, _optimizer_state_tensors, warmup_lr
-from ..io import atomic_replace_dir, atomic_write_json
+from ..flow_matching import EMA, _load_optimizer_state, _optimizer_state_tensors, check_same_run, warmup_lr
+from ..io import atomic_replace_dir, atomic_write_json, load_finite, recover_dir
 from . import lcm, rcm
 
 METHODS = ("rcm", "scm", "lcm")
+RESUMABLE_CHANGES = ("iterations", "time_budget_s", "checkpoint_every")  # change when training stops, not what it learns
+PARAM_NAMES = {  # DistillConfig field -> the parameter a user sets (for refusal messages)
+    "batch_size": "distill.batch_size", "lr": "distill.lr", "fake_lr": "distill.fake_lr",
+    "student_every": "distill.student_every", "ema_decay": "distill.ema_decay", "seed": "run.seed",
+    "rcm.guidance_scale": "sampler.guidance_scale", "rcm.p_g_mean": "distill.p_g[0]", "rcm.p_g_std": "distill.p_g[1]",
+    "rcm.p_d_mean": "distill.p_d[0]", "rcm.p_d_std": "distill.p_d[1]", "rcm.tangent_warmup": "distill.tangent_warmup",
+    "rcm.scm_weight": "distill.scm_weight", "rcm.dmd_weight": "distill.dmd_weight",
+    "rcm.max_rollout": "distill.max_rollout", "rcm.sigma_max": "sampler.sigma_max", "lcm.shift": "sampler.shift"}
 
 
 class DivergenceError(RuntimeError):
@@ -47,7 +57,7 @@ class DistillConfig:
     student_every: int = 5            # F: one student step per F iterations (rCM); other methods: every iteration
     ema_decay: float = 0.99
     checkpoint_every: int = 100
-    time_budget_s: Optional[float] = None
+    time_budget_s: Optional[float] = None   # of one invocation: pause after a checkpoint; the next one resumes
     seed: int = 0
     net_dtype: str = "float32"
     rcm: rcm.RCMConfig = field(default_factory=rcm.RCMConfig)
@@ -125,7 +135,8 @@ class Distiller:
         self.generator = torch.Generator().manual_seed(cfg.seed)   # identical on every rank: draws are global
         self.state = DistillState()
         self.fake_steps = 0
-        if (self.dir / "last" / "state.json").is_file():
+        self.paused = False   # True when the time budget ended this invocation before cfg.iterations
+        if (recover_dir(self.dir / "last") / "state.json").is_file():  # a kill inside the folder swap left .last.old
             self._load()
 
     # --- one iteration ------------------------------------------------------------------------------------------------
@@ -252,16 +263,18 @@ class Distiller:
     # --- the loop ---------------------------------------------------------------------------------------------------
 
     def train(self, progress: bool = True, stop_after: Optional[int] = None) -> DistillState:
-        """Run until cfg.iterations (or the time budget, or `stop_after` more iterations: tests use it to 'kill')."""
+        """Run until cfg.iterations. The time budget of this invocation pauses it after a checkpoint (`self.paused`);
+        `stop_after` more iterations returns without a checkpoint (tests use it to 'kill')."""
         cfg, state = self.cfg, self.state
         bar = None
         if progress and self.rank == 0:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.iterations, initial=state.iteration, desc=f"distill {cfg.method}", mininterval=5)
-        started = time.perf_counter() - state.wall_s
+        started = time.perf_counter() - state.wall_s   # wall_s counts every invocation; the budget only this one
+        invocation_started = time.perf_counter()
         done_here = 0
         while state.iteration < cfg.iterations:
-            if cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s:
+            if cfg.time_budget_s is not None and self._over_budget(invocation_started):
                 break
             if stop_after is not None and done_here >= stop_after:
                 return state
@@ -285,9 +298,20 @@ class Distiller:
                 self.save()
         if state.iteration % cfg.checkpoint_every != 0:
             self.save()
+        self.paused = state.iteration < cfg.iterations
         if bar is not None:
             bar.close()
         return state
+
+    def _over_budget(self, invocation_started: float) -> bool:
+        """Whether this invocation's time is up; under torchrun rank 0's clock decides for all (ranks stop together)."""
+        over = time.perf_counter() - invocation_started > self.cfg.time_budget_s
+        if self.world_size > 1:
+            import torch.distributed as dist
+            flag = torch.tensor([float(over)])
+            dist.broadcast(flag, src=0)
+            over = bool(flag.item())
+        return over
 
     # --- checkpoints ------------------------------------------------------------------------------------------------
 
@@ -327,16 +351,21 @@ class Distiller:
         if meta["config"]["method"] != self.cfg.method:
             raise ValueError(f"{last}: a {meta['config']['method']} run; this one is {self.cfg.method} "
                              f"(use another checkpoint folder)")
-        self.student.load_state_dict(load_file(last / "student.safetensors"))
-        self.ema.shadow = load_file(last / "ema.safetensors")
+        check_same_run(meta["config"], asdict(self.cfg), last, RESUMABLE_CHANGES, PARAM_NAMES)
+        if meta["iteration"] > self.cfg.iterations:
+            raise ValueError(f"{last}: the checkpoint has trained {meta['iteration']} iterations, more than the "
+                             f"{self.cfg.iterations} asked for (distill.student_steps); ask for at least as many, score "
+                             f"an earlier ema_<iteration>.safetensors (distill.checkpoint), or use another run.name")
+        self.student.load_state_dict(load_finite(last / "student.safetensors"))
+        self.ema.shadow = load_finite(last / "ema.safetensors")
         _load_optimizer_state(self.opt, [n for n, _ in self.student.named_parameters()],
-                              load_file(last / "optimizer.safetensors"))
+                              load_finite(last / "optimizer.safetensors"))
         if self.fake is not None:
-            self.fake.load_state_dict(load_file(last / "fake_score.safetensors"))
+            self.fake.load_state_dict(load_finite(last / "fake_score.safetensors"))
             _load_optimizer_state(self.fake_opt, [n for n, _ in self.fake.named_parameters()],
-                                  load_file(last / "fake_optimizer.safetensors"))
+                                  load_finite(last / "fake_optimizer.safetensors"))
         if self.target is not None:
-            self.target.load_state_dict(load_file(last / "lcm_target.safetensors"))
+            self.target.load_state_dict(load_finite(last / "lcm_target.safetensors"))
         self.generator.set_state(load_file(last / "rng.safetensors")["generator"])
         self.fake_steps = meta["fake_steps"]
         self.state = DistillState(iteration=meta["iteration"], student_steps=meta["student_steps"],
@@ -350,10 +379,10 @@ def load_student_weights(module: torch.nn.Module, checkpoint: Path, which: str =
     if checkpoint.is_file():
         path = checkpoint
     else:
-        path = checkpoint / "last" / ("ema.safetensors" if which == "ema" else "student.safetensors")
+        path = recover_dir(checkpoint / "last") / ("ema.safetensors" if which == "ema" else "student.safetensors")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no student checkpoint; run notebook 02_distill first")
-    weights = load_file(path)
+    weights = load_finite(path)
     missing = set(dict(module.named_parameters())) - set(weights)
     if missing:
         raise ValueError(f"{path}: does not fit this transformer (missing {sorted(missing)[:3]}...)")

@@ -185,16 +185,23 @@ def save_probe(probe: Probe, folder: Path, manifest: dict) -> Path:
 
 
 def load_probe(folder: Path = SHIPPED_PROBE) -> Probe:
-    from safetensors.torch import load_file
+    from ..io import NonFiniteWeightsError, load_finite
     from .teacher import WeightsError
+
+    class NonFiniteProbeError(WeightsError, NonFiniteWeightsError):
+        """Probe weights holding NaN/Inf (caught as either parent)."""
     folder = Path(folder)
     manifest_path, weights = folder / "manifest.json", folder / "probe.safetensors"
     if not manifest_path.is_file() or not weights.is_file():
         raise WeightsError(f"{folder}: probe weights or manifest missing; regenerate with `{REGENERATE}`")
     if sha256_file(weights) != json.loads(manifest_path.read_text())["files"]["probe.safetensors"]:
         raise WeightsError(f"{weights}: sha256 does not match manifest.json; regenerate with `{REGENERATE}`")
+    try:
+        state = load_finite(weights)
+    except NonFiniteWeightsError as exc:
+        raise NonFiniteProbeError(f"{exc}; regenerate with `{REGENERATE}`") from None
     probe = Probe()
-    probe.load_state_dict(load_file(weights))
+    probe.load_state_dict(state)
     return probe.eval().requires_grad_(False)
 
 

@@ -9,6 +9,7 @@ import argparse
 import itertools
 import json
 import platform
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -178,6 +179,10 @@ def main(argv=None):
     previous = verify_teacher(SHIPPED_TEACHER) if params.teacher.init == "shipped" else None
     components, result = train_nano_teacher(args.out, cfg, jitter_seeds=params.teacher.jitter_seeds,
                                             init=params.teacher.init)
+    if result["paused"]:  # the time budget pauses; only the step count decides what gets saved
+        print(f"paused at step {result['step']} of {cfg.steps} after teacher.minutes={params.teacher.minutes}; "
+              f"run the same command again to resume from {args.out / 'checkpoints'}", file=sys.stderr)
+        return 3
     if previous is not None:  # a fine-tune records what it started from
         result["previous"] = {k: previous.get(k) for k in ("steps", "wall_s", "final_loss_50", "config", "previous")}
     manifest = training_manifest(cfg, result)
@@ -185,7 +190,8 @@ def main(argv=None):
     save_teacher(components, target, manifest)
     print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=2))
     print(f"saved {target}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

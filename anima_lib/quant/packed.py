@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..io import atomic_write_json
+from ..io import atomic_write_json, load_finite
 from . import mlx_affine
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -130,14 +130,15 @@ def save_packed(model: torch.nn.Module, folder: Path, policy: dict, chosen: dict
 
 def load_packed(folder: Path, build_model) -> torch.nn.Module:
     """Rebuild the model on the meta device from `build_model(model_config)`, swap in QuantizedLinear shells where
-    the config says, and assign the stored tensors (packed words stay packed). Errors name the disagreeing layer."""
+    the config says, and assign the stored tensors (packed words stay packed). Errors name the disagreeing layer;
+    a NaN/Inf tensor raises io.NonFiniteWeightsError naming the file and the tensor."""
     folder = Path(folder)
     config = json.loads((folder / CONFIG).read_text())
     quantization = config["quantization"]
     default = {"bits": quantization["bits"], "group_size": quantization["group_size"]}
     with torch.device("meta"):
         model = build_model(config["model_config"])
-    tensors = load_file(folder / WEIGHTS)
+    tensors = load_finite(folder / WEIGHTS)  # NaN/Inf scales, biases or kept weights: refused by name
     for name, module in list(model.named_modules()):
         if not isinstance(module, torch.nn.Linear) or f"{name}.scales" not in tensors:
             continue
