@@ -22,9 +22,9 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors.torch import load_file, save
@@ -46,14 +46,25 @@ class PromptRecord:
     id: str
     prompt: str
     negative: Optional[str] = None
+    line: Optional[int] = field(default=None, compare=False)  # where it came from, for skip reasons
 
 
 # --- prompts in ------------------------------------------------------------------------------------------------------
 
-def read_prompts_jsonl(path: Path, max_words: Optional[int] = None) -> tuple[list[PromptRecord], list[str]]:
+# More characters than this per token of the limit is over the limit for real text (a 16-word nano prompt is at most
+# 175 characters, 2B prompts average ~4 per Qwen token): such a line is refused before tokenizing.
+CHARS_PER_TOKEN_CAP = 12
+
+
+def read_prompts_jsonl(path: Path, max_words: Optional[int] = None,
+                       max_chars: Optional[int] = None) -> tuple[list[PromptRecord], list[str]]:
     """Records and a list of skipped lines with reasons. Duplicate ids are an error (which one is meant?)."""
     records, skipped, seen = [], [], {}
-    for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for line_no, raw in enumerate(Path(path).read_bytes().split(b"\n"), 1):  # JSONL lines end at \n only
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CacheError(f"{path}:{line_no}: not valid UTF-8 (byte {exc.start} of the line)") from None
         if not line.strip():
             continue
         try:
@@ -62,18 +73,54 @@ def read_prompts_jsonl(path: Path, max_words: Optional[int] = None) -> tuple[lis
             raise CacheError(f"{path}:{line_no}: not JSON ({exc.msg})") from None
         if not isinstance(row, dict) or "id" not in row or "prompt" not in row:
             raise CacheError(f"{path}:{line_no}: each line needs 'id' and 'prompt' (optional 'negative')")
-        pid, prompt = str(row["id"]), row["prompt"]
+        pid, prompt, negative = str(row["id"]), row["prompt"], row.get("negative")
+        if negative is not None and not isinstance(negative, str):
+            raise CacheError(f"{path}:{line_no}: 'negative' must be a string (got {type(negative).__name__})")
         if pid in seen:
             raise CacheError(f"{path}:{line_no}: duplicate id {pid!r} (first on line {seen[pid]})")
         seen[pid] = line_no
         if not isinstance(prompt, str) or not prompt.strip():
             skipped.append(f"line {line_no} id {pid!r}: empty prompt")
             continue
+        if max_chars is not None and max(len(prompt), len(negative or "")) > max_chars:
+            skipped.append(f"line {line_no} id {pid!r}: {max(len(prompt), len(negative or '')):,} characters "
+                           f"> {max_chars:,}")
+            continue
         if max_words is not None and len(prompt.split()) > max_words:
             skipped.append(f"line {line_no} id {pid!r}: {len(prompt.split())} words > {max_words}")
             continue
-        records.append(PromptRecord(pid, prompt, row.get("negative")))
+        records.append(PromptRecord(pid, prompt, negative, line=line_no))
     return records, skipped
+
+
+def cap_by_tokens(records: list[PromptRecord], count_tokens: Callable[[str], int],
+                  max_tokens: int) -> tuple[list[PromptRecord], list[str]]:
+    """Records whose prompt and negative fit the text path's `max_tokens`, and skip reasons for the others (the
+    tokenizers would silently truncate them)."""
+    kept, skipped = [], []
+    for r in records:
+        over = [(what, n) for what, text_ in (("prompt", r.prompt), ("negative", r.negative))
+                if text_ and (n := count_tokens(text_)) > max_tokens]
+        if over:
+            where = f"line {r.line} id {r.id!r}" if r.line else f"id {r.id!r}"
+            skipped.append(f"{where}: " + ", ".join(f"{what} of {n} tokens" for what, n in over)
+                           + f" > {max_tokens} (the text path's limit)")
+        else:
+            kept.append(r)
+    return kept, skipped
+
+
+def token_counter(components) -> Callable[[str], int]:
+    """Tokens the text path sees for a text, untruncated: the longer of its Qwen and T5 tokenizations."""
+    def count(text_: str) -> int:
+        return max(len(tok(text_)["input_ids"]) for tok in (components.tokenizer, components.t5_tokenizer))
+    return count
+
+
+def require_prompts(records: list[PromptRecord], skipped: list[str], source) -> None:
+    """No usable prompt is an error before any compute (later it would be an IndexError)."""
+    if not records:
+        raise CacheError(f"{source}: no usable prompts ({len(skipped)} skipped; first: {'; '.join(skipped[:3])})")
 
 
 def nano_prompts(n: int, seed: int) -> list[PromptRecord]:
@@ -86,6 +133,14 @@ def prompt_seed(prompt_id: str) -> int:
 
 
 # --- sizes -----------------------------------------------------------------------------------------------------------
+
+def human_size(n_bytes: float) -> str:
+    """Bytes for people: a nearly full disk reads "3.10 MB", not "0.00 GB"."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n_bytes) >= scale:
+            return f"{n_bytes / scale:.2f} {unit}"
+    return f"{int(n_bytes)} B"
+
 
 def bytes_per_prompt(latent_shape: tuple, steps: int, context_shape: tuple, dtype_bytes: int = 2) -> dict[str, int]:
     """The arithmetic of one prompt's cache entry, by tensor group."""
@@ -169,7 +224,12 @@ def _shard_name(index: int) -> str:
 
 def _load_manifest(folder: Path) -> Optional[dict]:
     path = folder / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CacheError(f"{path}: unreadable manifest ({exc}); delete the folder and rebuild the cache") from None
 
 
 def _shard_ok(folder: Path, entry: Optional[dict]) -> bool:
@@ -183,7 +243,7 @@ def check_disk(folder: Path, needed_bytes: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if needed_bytes > free:
-        raise CacheError(f"{folder}: the cache needs about {needed_bytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB "
+        raise CacheError(f"{folder}: the cache needs about {human_size(needed_bytes)} but only {human_size(free)} "
                          f"are free; free space, choose another folder, or cache fewer prompts")
 
 
@@ -400,12 +460,24 @@ def cache_folder(params) -> Path:
     return params.output_path() / "cache"
 
 
-def cache_records(params) -> tuple[list[PromptRecord], list[str]]:
+def cache_records(params, components=None) -> tuple[list[PromptRecord], list[str]]:
+    """The run's prompts and skip reasons; with `components`, prompts over the text path's token limit are skipped too.
+    No usable prompt left is a CacheError."""
+    from .models import NANO_MAX_TOKENS, AnimaComponents
+    source = params.cache.prompts_file or "cache.n_prompts"
     if params.cache.prompts_file:
         from .config import _resolve
-        max_words = 16 if params.model.preset == "nano" else None
-        return read_prompts_jsonl(_resolve(params.cache.prompts_file), max_words=max_words)
-    return nano_prompts(params.cache.n_prompts, seed=params.run.seed), []
+        nano = params.model.preset == "nano"
+        limit = NANO_MAX_TOKENS if nano else AnimaComponents.max_tokens
+        records, skipped = read_prompts_jsonl(_resolve(params.cache.prompts_file), max_words=limit if nano else None,
+                                              max_chars=CHARS_PER_TOKEN_CAP * limit)
+    else:
+        records, skipped = nano_prompts(params.cache.n_prompts, seed=params.run.seed), []
+    if components is not None:
+        records, over = cap_by_tokens(records, token_counter(components), components.max_tokens)
+        skipped = skipped + over
+    require_prompts(records, skipped, source)
+    return records, skipped
 
 
 def cache_config(params, teacher_name: str, teacher_sha256: str = "") -> CacheConfig:
@@ -430,11 +502,15 @@ def run_cache(params, repair: bool = False, progress: bool = True) -> dict:
         import torch.distributed as dist
         if not dist.is_initialized():
             dist.init_process_group("gloo")
+    cache_records(params)  # a prompts file with nothing usable fails here, before the models load
     components = load_components(params)
-    records, skipped = cache_records(params)
+    records, skipped = cache_records(params, components)
     if params.model.preset == "nano":
         from .models import check_nano_prompts
-        check_nano_prompts(components, [r.prompt for r in records])
+        try:
+            check_nano_prompts(components, [r.prompt for r in records])
+        except ValueError as exc:  # a prompts-file problem, not a bug: the CLI shows it as one line
+            raise CacheError(f"{params.cache.prompts_file or 'cache.n_prompts'}: {exc}") from None
     folder = cache_folder(params)
     only = set(verify_cache(folder)["bad"]) if repair else None
     from .models import weights_digest

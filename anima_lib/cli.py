@@ -60,6 +60,31 @@ def main(argv=None) -> int:
     except config.ConfigError as exc:
         print(f"anima: parameter error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("anima: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise  # a bug: the traceback is what is needed
+        print(f"anima: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, even for multi-line messages
+        return 1
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message tells the user what to fix: shown as one line, not a traceback (imported only on error,
+    so the CLI starts fast)."""
+    from .cache import CacheError
+    from .checkpoints import CheckpointError
+    from .distill.deturbo import DeturboError
+    from .distill.trainer import DivergenceError
+    from .flow_matching import ResumeError
+    from .io import NonFiniteWeightsError
+    from .lora import LoraError, StyleDataError
+    from .nano_world.teacher import WeightsError
+    from .report import RunLockedError
+    return (CacheError, CheckpointError, DeturboError, DivergenceError, NonFiniteWeightsError, LoraError,
+            StyleDataError, WeightsError, RunLockedError, ResumeError, FileNotFoundError, NotADirectoryError,
+            PermissionError)
 
 
 def _cache(args) -> int:

@@ -20,6 +20,10 @@ from . import flow
 from .io import atomic_replace_dir, atomic_write_json, load_finite, recover_dir
 
 
+class ResumeError(ValueError):
+    """A checkpoint cannot be resumed as asked (other settings, or trained past the asked-for steps); says what to do."""
+
+
 @dataclass
 class FlowMatchingConfig:
     steps: int = 2000
@@ -123,7 +127,7 @@ def train_flow_matching(modules: dict[str, torch.nn.Module], velocity_fn: Callab
         meta = json.loads((last / "state.json").read_text())
         check_same_run(meta.get("config", {}), asdict(cfg), last)
         if meta["step"] > cfg.steps:
-            raise ValueError(f"{last}: the checkpoint has trained {meta['step']} steps, more than the {cfg.steps} "
+            raise ResumeError(f"{last}: the checkpoint has trained {meta['step']} steps, more than the {cfg.steps} "
                              f"asked for; ask for at least {meta['step']} steps or delete the folder to start over")
         weights = load_finite(last / "weights.safetensors")
         with torch.no_grad():
@@ -209,7 +213,7 @@ def check_same_run(saved: dict, current: dict, folder: Path, resumable=RESUMABLE
     if changed:
         names = param_names or {}
         detail = ", ".join(f"{names.get(k, k)}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
-        raise ValueError(f"{folder}: a checkpoint of a run with other settings ({detail}); restore the settings to "
+        raise ResumeError(f"{folder}: a checkpoint of a run with other settings ({detail}); restore the settings to "
                          f"resume, or use another run.name (or delete the folder) to start over")
 
 

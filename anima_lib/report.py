@@ -4,22 +4,33 @@ verdict and provenance.
 
 Contract with the notebooks: each calls `write_metrics(params, "<NN_name>", rows=..., verdict=..., passed=...)`,
 which writes outputs/<run>/metrics/<NN_name>.json. Status is then
-    pass     the notebook ran and its checks passed
-    fail     the notebook ran and a check failed (passed=False)
-    error    an exception, a dead kernel, or no metrics file written
-    skipped  a notebook it needs errored or was skipped (or it does not apply to the preset); after a "fail" the
-             artifacts exist, so dependents run and report (the run's exit code is 1 either way)
+    pass        the notebook ran and its checks passed
+    fail        the notebook ran and a check failed (passed=False)
+    incomplete  a time budget paused training after a checkpoint (write_metrics(..., incomplete=True, resume="<cmd>"));
+                neither pass nor fail: the verdict carries the command that resumes it
+    error       an exception, a dead kernel, a kernel that failed to start twice, or no metrics file written
+    skipped     a notebook it needs errored, was skipped or is incomplete (or it does not apply to the preset); after
+                a "fail" the artifacts exist, so dependents run and report
+Exit code of a run: 0 all passed; 1 a notebook failed or errored (or the run is locked by another); 2 a parameter
+error (nothing ran); 3 paused: nothing failed but a notebook is incomplete — run its resume command, then run again.
 The gathered reports/<date>/<run>/metrics.json is {notebook: {status, wall_s, rows, verdict, ...}}; rows are named
 "<model>@<steps>" (teacher@20, student@1, student_q4@4, ...) -> {metric: value}.
+
+One run of a run name at a time: the runner holds an flock on outputs/<run>/run.lock (pid, host, start, command).
+Kernels import the anima_lib of the checkout that runs them (PYTHONPATH), not whichever one a shared venv installed;
+they get ANIMA_KERNEL_START_TIMEOUT seconds (default 300) to start, and one retry when they do not.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import html
 import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -32,6 +43,12 @@ from .io import atomic_write_json, atomic_write_text
 
 NOTEBOOK_DIR = config_mod.REPO_ROOT / "notebooks"
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+KERNEL_START_TIMEOUT_ENV = "ANIMA_KERNEL_START_TIMEOUT"
+EXIT_CODES = {"pass": 0, "fail": 1, "incomplete": 3}
+
+
+class RunLockedError(RuntimeError):
+    """Another `anima run` of the same run name holds the lock; the message names it (pid, host, since, command)."""
 
 
 @dataclass(frozen=True)
@@ -61,16 +78,37 @@ def metrics_file(params, notebook: str) -> Path:
 
 
 def write_metrics(params, notebook: str, rows: dict, verdict: str, passed: bool, headline: Optional[dict] = None,
-                  **extra) -> Path:
-    """Write outputs/<run>/metrics/<notebook>.json; values must be finite numbers (NaN is a failure, not a value)."""
+                  incomplete: bool = False, resume: Optional[str] = None, **extra) -> Path:
+    """Write outputs/<run>/metrics/<notebook>.json; values must be finite numbers (NaN is a failure, not a value).
+    incomplete=True: a time budget paused training after a checkpoint; `resume` is the command that continues it."""
+    if incomplete and not resume:
+        raise ValueError(f"write_metrics({notebook!r}, incomplete=True) needs resume=<the command that continues it>")
     for row, metrics in rows.items():
         for name, value in metrics.items():
             if isinstance(value, float) and not math.isfinite(value):
                 passed = False
                 verdict = f"{verdict} [non-finite {name} in {row}]"
     record = {"notebook": notebook, "passed": bool(passed), "verdict": verdict, "headline": headline or {},
-              "rows": rows, **extra}
+              "rows": rows, "incomplete": bool(incomplete), "resume": resume, **extra}
     return atomic_write_json(metrics_file(params, notebook), record)
+
+
+class TrainingPaused(RuntimeError):
+    """Raised by `pause` to end a notebook early: a time budget paused training after a checkpoint."""
+
+
+def resume_command(preset, overrides) -> str:
+    """The command that continues a paused run: the same `anima run` again (every trainer resumes its checkpoint)."""
+    return " ".join(["anima run", shlex.quote(str(preset)), *(f"--set {shlex.quote(o)}" for o in overrides)])
+
+
+def pause(params, notebook: str, what: str, preset, overrides, **extra):
+    """End the notebook here as *incomplete*: record what paused and the resume command, then raise TrainingPaused
+    (so no cell scores a half-trained model; the runner reads the record, not the exception, for the status)."""
+    resume = resume_command(preset, list(overrides))
+    write_metrics(params, notebook, rows={}, verdict=f"paused: {what}", passed=False, incomplete=True, resume=resume,
+                  **extra)
+    raise TrainingPaused(f"{what}; the checkpoint is kept — resume with: {resume}")
 
 
 # --- HTML -------------------------------------------------------------------------------------------------------------
@@ -128,7 +166,8 @@ def provenance(params, total_s: Optional[float] = None) -> dict:
     }
 
 
-_STATUS_COLOUR = {"pass": "#1a7f37", "fail": "#cf222e", "error": "#8250df", "skipped": "#6e7781"}
+_STATUS_COLOUR = {"pass": "#1a7f37", "fail": "#cf222e", "error": "#8250df", "skipped": "#6e7781",
+                  "incomplete": "#bc4c00"}
 
 
 def _fmt(value) -> str:
@@ -187,23 +226,96 @@ pre {{ background: #f6f8fa; padding: 1em; overflow-x: auto; }}
 
 # --- the runner -------------------------------------------------------------------------------------------------------
 
-def _execute(step: Step, preset_path: Path, overrides: list[str], run_dir: Path, params, notebook_dir: Path) -> dict:
+def kernel_start_timeout() -> int:
+    """Seconds a kernel gets to start: papermill's 60 is too short on a loaded machine."""
+    raw = os.environ.get(KERNEL_START_TIMEOUT_ENV, "300")
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise config_mod.ConfigError(f"{KERNEL_START_TIMEOUT_ENV}={raw!r}: must be a whole number of seconds >= 1")
+    return int(raw)
+
+
+@contextlib.contextmanager
+def run_lock(params, command: str):
+    """Hold outputs/<run>/run.lock exclusively (flock: the kernel drops it when the holder dies, so never stale)."""
+    path = params.output_path() / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # never unlinked: two runs could then lock two different files
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):  # the holder is between its flock and its write
+                holder = {}
+            raise RunLockedError(
+                f"run {params.run.name!r} is in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                f"since {holder.get('since', '?')} ({holder.get('command', '?')}); wait for it to end or choose "
+                f"another run.name (lock: {path})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": platform.node(), "command": command,
+                                 "since": _dt.datetime.now().isoformat(timespec="seconds")}).encode())
+        yield path
+    finally:
+        os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
+def _kernel_imports_this_checkout():
+    """Kernels inherit our environment: this checkout first on PYTHONPATH beats a shared editable venv's install."""
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(config_mod.REPO_ROOT), before]))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
+def _papermill(step: Step, preset_path: Path, overrides: list[str], out_ipynb: Path, notebook_dir: Path,
+               start_timeout: int) -> Optional[str]:
+    """Execute one notebook; None, or what went wrong."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
+    try:
+        with _kernel_imports_this_checkout():
+            pm.execute_notebook(str(notebook_dir / f"{step.name}.ipynb"), str(out_ipynb),
+                                parameters={"preset": str(preset_path), "overrides": list(overrides)},
+                                kernel_name="python3", cwd=str(notebook_dir), progress_bar=True,
+                                request_save_on_cell_execute=True, start_timeout=start_timeout)
+    except PapermillExecutionError as exc:
+        return f"{exc.ename}: {exc.evalue}"
+    except Exception as exc:  # DeadKernelError, timeouts, a broken kernel: still report it
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _kernel_never_started(out_ipynb: Path) -> bool:
+    """papermill stamps a cell's start_time when the kernel takes it: none stamped = the kernel never started."""
+    import nbformat
+    try:
+        cells = nbformat.read(out_ipynb, as_version=4).cells
+    except Exception:  # no notebook written: papermill stopped before any kernel
+        return False
+    return not any(c.metadata.get("papermill", {}).get("start_time") for c in cells if c.cell_type == "code")
+
+
+def _execute(step: Step, preset_path: Path, overrides: list[str], run_dir: Path, params, notebook_dir: Path,
+             start_timeout: int = 300, log=print) -> dict:
     out_ipynb = run_dir / f"{step.name}.ipynb"
     metrics_path = metrics_file(params, step.name)
     metrics_path.unlink(missing_ok=True)  # a stale file must never pass for this run's result
+    out_ipynb.unlink(missing_ok=True)     # an earlier run's executed cells must not hide a kernel that never started
     started = time.perf_counter()
-    error = None
-    try:
-        pm.execute_notebook(str(notebook_dir / f"{step.name}.ipynb"), str(out_ipynb),
-                            parameters={"preset": str(preset_path), "overrides": list(overrides)},
-                            kernel_name="python3", cwd=str(notebook_dir), progress_bar=True,
-                            request_save_on_cell_execute=True)
-    except PapermillExecutionError as exc:
-        error = f"{exc.ename}: {exc.evalue}"
-    except Exception as exc:  # DeadKernelError, timeouts, a broken kernel: still report it
-        error = f"{type(exc).__name__}: {exc}"
+    error = _papermill(step, preset_path, overrides, out_ipynb, notebook_dir, start_timeout)
+    if error is not None and _kernel_never_started(out_ipynb):  # only a kernel start is retried, never a cell
+        log(f"{step.name}: the kernel did not start ({error}); retrying once")
+        error = _papermill(step, preset_path, overrides, out_ipynb, notebook_dir, start_timeout)
+        if error is not None and _kernel_never_started(out_ipynb):
+            error = (f"kernel start failed twice: {error} (start timeout {start_timeout} s; raise "
+                     f"{KERNEL_START_TIMEOUT_ENV} on a loaded machine)")
     wall_s = time.perf_counter() - started
     result = {"name": step.name, "wall_s": wall_s, "html": False}
     if out_ipynb.exists():
@@ -212,6 +324,8 @@ def _execute(step: Step, preset_path: Path, overrides: list[str], run_dir: Path,
             result["html"] = True
         except Exception as exc:
             error = error or f"HTML export failed: {exc}"
+    if error is not None and error.startswith(f"{TrainingPaused.__name__}:") and metrics_path.is_file():
+        error = None  # `pause` ended the notebook on purpose; its record says incomplete and how to resume
     if error is None and not metrics_path.is_file():
         error = f"the notebook wrote no metrics file ({metrics_path})"
     if error is not None:
@@ -220,19 +334,32 @@ def _execute(step: Step, preset_path: Path, overrides: list[str], run_dir: Path,
     record = json.loads(metrics_path.read_text())
     result.update(status="pass" if record["passed"] else "fail", verdict=record["verdict"],
                   headline=record.get("headline", {}), rows=record.get("rows", {}))
+    if record.get("incomplete"):  # paused by a time budget: neither pass nor fail
+        result.update(status="incomplete", paused=True, resume=record["resume"],
+                      verdict=f"paused, resume with: {record['resume']} — {record['verdict']}")
     return result
 
 
 def run_pipeline(preset: str, overrides: Optional[list[str]] = None, only: Optional[list[str]] = None,
                  log=print, pipeline: tuple[Step, ...] = PIPELINE, notebook_dir: Path = NOTEBOOK_DIR) -> int:
-    """Validate, run every notebook (or `only` those), write the reports; returns the exit code (0 = all passed)."""
+    """Validate, lock the run, run every notebook (or `only` those), write the reports; returns the exit code
+    (module docstring). Raises ConfigError on a parameter error and RunLockedError when the run is in use."""
     overrides = list(overrides or [])
     preset_path = config_mod.resolve_preset(preset)
     params = config_mod.load_config(preset_path, overrides)  # every parameter error surfaces here, before compute
+    start_timeout = kernel_start_timeout()
     known = [s.name for s in pipeline]
     for name in only or []:
         if name not in known:
             raise config_mod.ConfigError(f"--only {name}: unknown notebook; notebooks: {known}")
+    command = shlex.join(["anima", "run", str(preset)] + [f"--only={n}" for n in only or []]
+                         + [f"--set={o}" for o in overrides])
+    with run_lock(params, command):  # before any compute: a second run of this name stops here
+        return _run_locked(params, preset_path, overrides, only, log, pipeline, notebook_dir, start_timeout)
+
+
+def _run_locked(params, preset_path: Path, overrides: list[str], only: Optional[list[str]], log,
+                pipeline: tuple[Step, ...], notebook_dir: Path, start_timeout: int) -> int:
     present = [s for s in pipeline if (notebook_dir / f"{s.name}.ipynb").is_file()]
     absent = [s.name for s in pipeline if s not in present]
     day_dir = params.report_root() / _dt.date.today().isoformat()
@@ -242,11 +369,12 @@ def run_pipeline(preset: str, overrides: Optional[list[str]] = None, only: Optio
         log(f"not in this checkout yet: {', '.join(absent)}")
     selected = [s for s in present if not only or s.name in only]
     status: dict[str, str] = {}
+    paused: set[str] = set()  # incomplete, or skipped only because of something incomplete
     results = []
     started = time.perf_counter()
     for index, step in enumerate(selected, 1):
-        # a "fail" left its artifacts (checks missed), so what needs it still runs and reports; error/skip blocks
-        blocked = [n for n in step.needs if n in status and status[n] in ("error", "skipped")]
+        # a "fail" left its artifacts (checks missed), so what needs it still runs; error, skip, incomplete block
+        blocked = [n for n in step.needs if n in status and status[n] in ("error", "skipped", "incomplete")]
         if step.presets is not None and params.model.preset not in step.presets:
             result = {"name": step.name, "status": "skipped", "wall_s": None, "applies": False,
                       "verdict": f"does not apply to model.preset={params.model.preset}"}
@@ -254,11 +382,15 @@ def run_pipeline(preset: str, overrides: Optional[list[str]] = None, only: Optio
         elif blocked:
             result = {"name": step.name, "status": "skipped", "wall_s": None,
                       "verdict": "needs " + ", ".join(f"{n} ({status[n]})" for n in blocked)}
+            if all(n in paused for n in blocked):  # waits on a resume, not on a failure
+                result["paused"] = True
         else:
             log(f"[{index}/{len(selected)}] {step.name}: running")
-            result = _execute(step, preset_path, overrides, run_dir, params, notebook_dir)
+            result = _execute(step, preset_path, overrides, run_dir, params, notebook_dir, start_timeout, log)
         if step.name not in status:
             status[step.name] = result["status"]
+        if result.get("paused"):
+            paused.add(step.name)
         log(f"[{index}/{len(selected)}] {step.name}: {result['status']}"
             + (f" in {result['wall_s']:.1f} s" if result.get("wall_s") else "") + f" — {result.get('verdict', '')}")
         results.append(result)
@@ -268,14 +400,18 @@ def run_pipeline(preset: str, overrides: Optional[list[str]] = None, only: Optio
         now = {r["name"]: r for r in results}
         results = [now.get(s.name) or {**earlier[s.name], "earlier_invocation": True}
                    for s in pipeline if s.name in now or s.name in earlier]
-    overall = "pass" if all(r["status"] == "pass" or r.get("applies") is False for r in results) else "fail"
+    not_passed = [r for r in results if r["status"] != "pass" and r.get("applies") is not False]
+    overall = "pass" if not not_passed else "incomplete" if all(r.get("paused") for r in not_passed) else "fail"
     gathered = {r["name"]: {k: r.get(k) for k in ("status", "wall_s", "rows", "verdict", "headline")} for r in results}
     atomic_write_json(run_dir / "metrics.json", gathered)
     atomic_write_json(run_dir / "summary.json", {"status": overall, "notebooks": results,
                                                  "provenance": provenance(params, total_s)})
     index = render_day_index(day_dir)
     log(f"report: {index}")
-    return 0 if overall == "pass" else 1
+    for r in results:
+        if r["status"] == "incomplete":
+            log(f"paused: {r['name']} — resume with: {r['resume']}")
+    return EXIT_CODES[overall]
 
 
 def markdown_table(rows: dict[str, dict]) -> str:

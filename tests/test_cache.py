@@ -155,8 +155,14 @@ def test_refuses_a_different_prompt_list(built, components):
 
 
 def test_refuses_when_the_disk_is_too_small(tmp_path):
-    with pytest.raises(cache.CacheError, match="GB are free"):
+    with pytest.raises(cache.CacheError, match=r"needs about 1000000\.00 TB but only .* are free"):
         cache.check_disk(tmp_path, 10 ** 18)
+
+
+def test_sizes_read_in_mb_below_a_gigabyte():
+    # a nearly full disk used to read "needs about 0.00 GB but only 0.00 GB are free"
+    assert cache.human_size(3_100_000) == "3.10 MB" and cache.human_size(800_000) == "800.00 kB"
+    assert cache.human_size(2.5e9) == "2.50 GB" and cache.human_size(512) == "512 B"
 
 
 def _cli(args, tmp_path, runner):
