@@ -20,7 +20,7 @@ from diffusers import AnimaTextConditioner, AutoencoderKLQwenImage, CosmosTransf
 from transformers import AutoTokenizer, Qwen3Model
 
 from .io import NonFiniteWeightsError, check_finite
-from .models import AnimaComponents, PixelShuffleCodec, VAECodec
+from .models import AnimaComponents, PixelShuffleCodec, VAECodec, cast_floating
 
 COMPONENT_CLASSES = {
     "transformer": ("diffusers", "CosmosTransformer3DModel"),
@@ -187,9 +187,8 @@ def _load_strict(module_cls, config: dict, state: dict, what: str, torch_dtype):
         raise CheckpointError(f"{what}: keys do not match {module_cls.__name__} "
                               f"(missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                               f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''})")
-    module.load_state_dict({k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()},
-                           assign=True)
-    return module
+    module.load_state_dict(state, assign=True)
+    return cast_floating(module, torch_dtype)  # keeps the class's float32 modules in float32, as from_pretrained does
 
 
 def load_comfy_split(diffusion_model_file, text_encoder_file, vae_file, tokenizer_dir,

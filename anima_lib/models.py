@@ -101,6 +101,24 @@ class VAECodec:
         return ((images.float() + 1) / 2).clamp(0, 1)
 
 
+def cast_floating(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast floating parameters and buffers to `dtype`, except under the modules the class keeps in float32
+    (`_keep_in_fp32_modules`, e.g. Cosmos' learnable_pos_embed), as diffusers' loader does with torch_dtype — a plain
+    `.to(dtype)` would cast those too (and diffusers warns that it does)."""
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    with torch.no_grad():
+        for name, sub in module.named_modules():
+            target = torch.float32 if keep & set(name.split(".")) else dtype
+            for tensors in (sub._parameters, sub._buffers):
+                for key, value in tensors.items():
+                    if value is not None and value.is_floating_point() and value.dtype != target:
+                        if isinstance(value, torch.nn.Parameter):
+                            value.data = value.data.to(target)
+                        else:
+                            tensors[key] = value.to(target)
+    return module
+
+
 @dataclass
 class AnimaComponents:
     transformer: CosmosTransformer3DModel
@@ -119,8 +137,9 @@ class AnimaComponents:
     def to(self, device=None, dtype=None) -> "AnimaComponents":
         for module in (self.transformer, self.text_encoder, self.text_conditioner, self.vae):
             if module is not None:
-                same_dtype = dtype is None or module.dtype == dtype  # skip no-op casts (diffusers warns on them)
-                module.to(device=device, dtype=None if same_dtype else dtype)
+                module.to(device=device)
+                if dtype is not None:
+                    cast_floating(module, dtype)
         return self
 
     def eval(self) -> "AnimaComponents":
@@ -249,12 +268,13 @@ def load_components(params) -> AnimaComponents:
     if m.preset == "nano":
         components = (build_nano(vocabulary(), seed=params.run.seed) if m.nano_weights == "random"
                       else _load_nano_weights(params))
-    elif m.diffusers_dir:
+    elif m.diffusers_dir:  # loaded at the run's dtype: a bf16 checkpoint is read as bf16, not as an fp32 copy first
         from .checkpoints import load_diffusers_folder
-        components = load_diffusers_folder(m.diffusers_dir)
+        components = load_diffusers_folder(m.diffusers_dir, torch_dtype=DTYPES[m.dtype])
     else:
         from .checkpoints import load_comfy_split
-        components = load_comfy_split(m.comfy_diffusion_model, m.comfy_text_encoder, m.comfy_vae, m.tokenizer_dir)
+        components = load_comfy_split(m.comfy_diffusion_model, m.comfy_text_encoder, m.comfy_vae, m.tokenizer_dir,
+                                      torch_dtype=DTYPES[m.dtype])
     components.to(device=params.run.device, dtype=DTYPES[m.dtype])
     return components.eval()
 

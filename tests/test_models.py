@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from diffusers import AutoencoderKLQwenImage
@@ -197,3 +199,22 @@ def test_comfy_loader_errors_name_the_file(nano, tmp_path):
     save_file(state, broken)
     with pytest.raises(checkpoints.CheckpointError, match=r"missing \['transformer_blocks.1.ff.net.2.weight'\]"):
         checkpoints.load_comfy_split(broken, paths["comfy_text_encoder"], paths["comfy_vae"], paths["tokenizer_dir"])
+
+
+def test_bf16_loads_keep_the_float32_modules_float32_without_the_cast_warning(nano, tmp_path, capfd):
+    from diffusers import CosmosTransformer3DModel
+    transformer = CosmosTransformer3DModel(**{**models.NANO_TRANSFORMER, "extra_pos_embed_type": "learnable"})
+    transformer.save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    loaded = CosmosTransformer3DModel.from_pretrained(tmp_path / "transformer", torch_dtype=torch.bfloat16)
+    components = models.AnimaComponents(transformer=copy.deepcopy(transformer), text_encoder=nano.text_encoder,
+                                        text_conditioner=nano.text_conditioner, tokenizer=nano.tokenizer,
+                                        t5_tokenizer=nano.t5_tokenizer, codec=nano.codec, preset="nano")
+    capfd.readouterr()
+    components.to(dtype=torch.bfloat16)
+    assert "should be kept in float32" not in capfd.readouterr().err   # diffusers' logger writes to stderr
+    for cast in (loaded, components.transformer):   # diffusers' loader and our cast agree, tensor by tensor
+        dtypes = {name: p.dtype for name, p in cast.named_parameters()}
+        assert all(d == torch.float32 for n, d in dtypes.items() if n.startswith("learnable_pos_embed."))
+        assert any(n.startswith("learnable_pos_embed.") for n in dtypes)
+        assert all(d == torch.bfloat16 for n, d in dtypes.items() if not n.startswith("learnable_pos_embed."))
+    nano.to(dtype=torch.float32)
