@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from safetensors.torch import load_file, save
 
-from . import flow, sampler, text
+from . import flow, models, sampler, text
 from .io import atomic_write_bytes, atomic_write_json, sha256_file
 
 CACHE_PRECISIONS = ("f16", "bf16", "q8_0")
@@ -191,8 +191,18 @@ def shard_ids(records: list[PromptRecord], shard_size: int) -> list[list[PromptR
 
 
 @torch.no_grad()
-def compute_shard(components, records: list[PromptRecord], cfg: CacheConfig, precision_paths: dict) -> dict:
-    """All tensors of one shard; deterministic in (components, records, cfg)."""
+def compute_shard(components, records: list[PromptRecord], cfg: CacheConfig,
+                  text_path_at: Optional[Callable] = None) -> dict:
+    """All tensors of one shard, in host memory (what is written); deterministic in (components, records, cfg)."""
+    return {name: value.cpu() for name, value in shard_tensors(components, records, cfg, text_path_at).items()}
+
+
+def shard_tensors(components, records: list[PromptRecord], cfg: CacheConfig,
+                  text_path_at: Optional[Callable] = None) -> dict:
+    """compute_shard's tensors where the model lives (every draw is moved there before it meets the model).
+    text_path_at(precision) -> components whose text path runs at that precision (default `text.text_path_at`):
+    one copy of the text encoder at a time, freed before the next (three at once do not fit beside a 2B DiT)."""
+    text_path_at = text_path_at or (lambda precision: text.text_path_at(components, precision))
     prompts = [r.prompt for r in records]
     negatives = {r.negative or cfg.negative_prompt for r in records}
     if len(negatives) > 1:
@@ -200,11 +210,12 @@ def compute_shard(components, records: list[PromptRecord], cfg: CacheConfig, pre
     negative_prompt = negatives.pop()
     tensors: dict[str, torch.Tensor] = {}
     for precision in CACHE_PRECISIONS:
-        path = precision_paths[precision]
+        path = text_path_at(precision)
         tensors[f"context.{precision}"] = path.encode_prompts(prompts).float().to(_STORE_DTYPE[precision])
         tensors[f"negative.{precision}"] = path.encode_prompts([negative_prompt]).float().to(_STORE_DTYPE[precision])
+        del path
     latent_shape = components.latent_shape(cfg.image_size)
-    noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(prompt_seed(r.id)))
+    noise = torch.stack([models.randn(latent_shape, torch.Generator().manual_seed(prompt_seed(r.id)), components.device)
                          for r in records])
     context = components.encode_prompts(prompts)          # the teacher's own (full-precision) text path
     negative = components.encode_prompts([negative_prompt])
@@ -268,7 +279,6 @@ def build_cache(components, records: list[PromptRecord], cfg: CacheConfig, folde
     entries = {e["index"]: e for e in existing.get("shards", [])}
     if world_size > 1 and (folder / manifest_name).is_file():
         entries.update({e["index"]: e for e in json.loads((folder / manifest_name).read_text())["shards"]})
-    precision_paths = {p: text.text_path_at(components, p) for p in CACHE_PRECISIONS}
     mine = [i for i in range(len(shards)) if i % world_size == rank and (only_shards is None or i in only_shards)]
     stats = {"written": 0, "skipped": 0, "sample_s": 0.0, "write_s": 0.0}
     iterator = mine
@@ -280,7 +290,7 @@ def build_cache(components, records: list[PromptRecord], cfg: CacheConfig, folde
             stats["skipped"] += 1
             continue
         t0 = time.perf_counter()
-        tensors = compute_shard(components, shards[index], cfg, precision_paths)
+        tensors = compute_shard(components, shards[index], cfg)
         t1 = time.perf_counter()
         ids = [r.id for r in shards[index]]
         # one metadata key: safetensors orders several keys differently per process, which would break byte identity
@@ -398,8 +408,8 @@ class CacheBatches:
     """
 
     def __init__(self, folder: Path, precision: str = "q8_0", seed: int = 0, teacher_sha256: Optional[str] = None,
-                 verify: bool = True):
-        self.folder, self.precision, self.seed = Path(folder), precision, seed
+                 verify: bool = True, device="cpu"):
+        self.folder, self.precision, self.seed, self.device = Path(folder), precision, seed, torch.device(device)
         manifest = _load_manifest(self.folder)
         if manifest is None:
             raise CacheError(f"{self.folder}: no distillation cache here ({MANIFEST} missing); run notebook 01_cache "
@@ -445,8 +455,9 @@ class CacheBatches:
                     read[file, k] = (x0_all[k:k + 1].float(), ctx_all[k:k + 1].float())
                 if negative is None:
                     negative = f.get_tensor(f"negative.{self.precision}").float()
-        return {"x0": torch.cat([read[row][0] for row in rows]),
-                "context": torch.cat([read[row][1] for row in rows]), "negative": negative}
+        return {"x0": torch.cat([read[row][0] for row in rows]).to(self.device),
+                "context": torch.cat([read[row][1] for row in rows]).to(self.device),
+                "negative": negative.to(self.device)}
 
 
 def env_rank() -> tuple[int, int]:

@@ -59,12 +59,13 @@ def write(folder: Path, components: models.AnimaComponents, student: torch.nn.Mo
 
     generator = torch.Generator().manual_seed(seed)
     shape = (len(prompts), *components.latent_shape(params.gate.image_size))
-    x = torch.randn(shape, generator=generator)
-    sigma = torch.linspace(0.9, 0.1, len(prompts))
+    device = models.device_of(student)
+    x = models.randn(shape, generator, device)
+    sigma = torch.linspace(0.9, 0.1, len(prompts)).to(device)
     index["files"]["dit.safetensors"] = _save(folder, "dit.safetensors", {
         "x": x, "sigma": sigma, "context": context, "velocity": velocity(x, sigma, context)})
     for k in steps:
-        noises = [torch.randn(shape, generator=generator) for _ in range(k)]
+        noises = [models.randn(shape, generator, device) for _ in range(k)]
         trig_times = flow.student_trig_times(k, params.sampler.sigma_max, params.sampler.student_mid_times)
         trace: list = []
         final = sampler.consistency_sample(velocity, noises, trig_times, context, trace=trace)

@@ -163,10 +163,11 @@ def train_flow_matching(modules: dict[str, torch.nn.Module], velocity_fn: Callab
         for group in optimizer.param_groups:
             group["lr"] = warmup_lr(cfg.lr, cfg.warmup_steps, step)
         x0, context = batches(step, generator)
-        drop = torch.rand(len(x0), generator=generator) < cfg.caption_dropout
-        context = torch.where(drop[:, None, None], empty_context.expand_as(context), context)
-        sigma = sample_times(len(x0), cfg, generator)
-        noise = torch.randn(x0.shape, generator=generator)
+        device = x0.device   # draws come from the CPU generator (same numbers on any device), then move there
+        drop = (torch.rand(len(x0), generator=generator) < cfg.caption_dropout).to(device)
+        context = torch.where(drop[:, None, None], empty_context.to(device).expand_as(context), context)
+        sigma = sample_times(len(x0), cfg, generator).to(device)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
         loss = flow_matching_loss(velocity_fn, x0, context, sigma, noise, target_fn)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

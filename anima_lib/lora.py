@@ -386,7 +386,8 @@ def style_batches(images: torch.Tensor, contexts: torch.Tensor, codec, batch_siz
     """batches(step, generator) for train_lora: random style images (uint8) and their captions' contexts."""
     def batches(step, generator):
         pick = torch.randint(len(images), (batch_size,), generator=generator)
-        return codec.encode(images[pick].float() / 255), contexts[pick]
+        device = contexts.device  # where the text path (and so the model) lives; the images stay on the host
+        return codec.encode(images[pick].to(device).float() / 255), contexts[pick.to(device)]
     return batches
 
 

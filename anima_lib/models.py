@@ -101,6 +101,17 @@ class VAECodec:
         return ((images.float() + 1) / 2).clamp(0, 1)
 
 
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where a network's weights live: every tensor it is fed is made or moved there."""
+    return next(module.parameters()).device
+
+
+def randn(shape, generator: torch.Generator, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Noise from a CPU generator (the same numbers whatever the device, so seeds mean the same on a GPU box), put
+    where the model lives. The one way this code draws noise for a model."""
+    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
+
+
 def cast_floating(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Cast floating parameters and buffers to `dtype`, except under the modules the class keeps in float32
     (`_keep_in_fp32_modules`, e.g. Cosmos' learnable_pos_embed), as diffusers' loader does with torch_dtype — a plain
@@ -129,6 +140,10 @@ class AnimaComponents:
     codec: Any                  # PixelShuffleCodec or VAECodec
     preset: str
     max_tokens: int = 512
+
+    @property
+    def device(self) -> torch.device:
+        return device_of(self.transformer)
 
     @property
     def vae(self) -> Optional[AutoencoderKLQwenImage]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from anima_lib import cache, config, gate, models, text
+from anima_lib import cache, config, gate, models
 
 
 def main():
@@ -33,10 +33,9 @@ def main():
     cfg = cache.cache_config(params, "shipped")
     with tempfile.TemporaryDirectory() as tmp:
         # sampling alone: exactly what the writer computes per shard, without serializing or writing
-        paths = {p: text.text_path_at(components, p) for p in cache.CACHE_PRECISIONS}
         t0 = time.perf_counter()
         for shard in cache.shard_ids(records, cfg.shard_size):
-            cache.compute_shard(components, shard, cfg, paths)
+            cache.compute_shard(components, shard, cfg)
         sampling_only = time.perf_counter() - t0
         t0 = time.perf_counter()
         stats = cache.build_cache(components, records, cfg, Path(tmp) / "c", progress=False)

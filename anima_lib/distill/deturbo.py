@@ -69,7 +69,9 @@ def student_samples(student: torch.nn.Module, contexts: torch.Tensor, latent_sha
     trig_times = flow.student_trig_times(4, params.sampler.sigma_max, params.sampler.student_mid_times)
     generator = torch.Generator().manual_seed(seed)
     shape = (len(contexts), *latent_shape)
-    noises = [torch.randn(shape, generator=generator) for _ in trig_times[:-1]]
+    device = models.device_of(student)
+    noises = [models.randn(shape, generator, device) for _ in trig_times[:-1]]
+    contexts = contexts.to(device)
 
     def velocity(x, sigma, ctx):
         return models.transformer_velocity(student, x, sigma, ctx)
@@ -92,7 +94,7 @@ def train_deturbo(params, components, student: torch.nn.Module, progress: bool =
         return lora.read_lora(folder), manifest
     teacher = components.transformer.eval().requires_grad_(False)
     data = CacheBatches(cache_folder(params), precision=params.cache.precision, seed=params.run.seed,
-                        teacher_sha256=models.weights_digest(teacher))
+                        teacher_sha256=models.weights_digest(teacher), device=models.device_of(student))
     pool_rows = data.batch(0, d.student_samples)  # contexts of the student's own samples (cache prompts)
     pool_context = pool_rows["context"]
     pool_x0 = student_samples(student, pool_context, pool_rows["x0"].shape[1:], params, seed=params.run.seed + 77)
@@ -101,7 +103,7 @@ def train_deturbo(params, components, student: torch.nn.Module, progress: bool =
 
     def batches(step, generator):
         rows = data.batch(step, d.batch_size - n_student)
-        pick = torch.randint(len(pool_x0), (n_student,), generator=generator)
+        pick = torch.randint(len(pool_x0), (n_student,), generator=generator).to(pool_x0.device)
         return torch.cat([rows["x0"], pool_x0[pick]]), torch.cat([rows["context"], pool_context[pick]])
 
     def teacher_velocity(x, sigma, context):
@@ -140,9 +142,8 @@ def velocity_error_by_time(velocity_fns: dict, teacher_fn, x0: torch.Tensor, con
     n = len(x0)
     out = {}
     for bucket in range(buckets):
-        sigma = (bucket + torch.rand(n, generator=generator)) / buckets
-        sigma = sigma.clamp(1e-3, 1 - 1e-3)
-        noise = torch.randn(x0.shape, generator=generator)
+        sigma = ((bucket + torch.rand(n, generator=generator)) / buckets).clamp(1e-3, 1 - 1e-3).to(x0.device)
+        noise = models.randn(x0.shape, generator, x0.device)
         x_s = flow.rf_noisy(x0, noise, sigma)
         for label, ctx in (("", context), (" uncond", negative.expand_as(context))):
             target = teacher_fn(x_s, sigma, ctx).double()
