@@ -302,6 +302,29 @@ def _kernel_never_started(out_ipynb: Path) -> bool:
     return not any(c.metadata.get("papermill", {}).get("start_time") for c in cells if c.cell_type == "code")
 
 
+OUT_OF_MEMORY = ("OutOfMemoryError", "DeadKernelError", "can't allocate memory", "MemoryError")
+
+
+def _stage_of_failure(out_ipynb: Path, error: str) -> str:
+    """`error`, with the cell that was running when it happened (its number and first line) and, when memory ran
+    out or the kernel died (the host's OOM killer leaves no Python error), what to lower."""
+    import nbformat
+    try:
+        cells = [c for c in nbformat.read(out_ipynb, as_version=4).cells if c.cell_type == "code"]
+    except Exception:
+        return error
+    started = [i for i, c in enumerate(cells) if c.metadata.get("papermill", {}).get("start_time")]
+    if not started:
+        return error
+    index = started[-1]
+    first_line = next((line for line in cells[index].source.splitlines() if line.strip()), "")[:80]
+    where = f"in cell {index + 1} (`{first_line}`)"
+    if any(marker in error for marker in OUT_OF_MEMORY):
+        return (f"out of memory {where} — {error.splitlines()[0][:160]}; lower the batch sizes of that stage "
+                f"(gate.decode_batch_size, distill.batch_size per rank, ...) or turn on distill.activation_checkpointing")
+    return f"{where}: {error}"
+
+
 def _execute(step: Step, preset_path: Path, overrides: list[str], run_dir: Path, params, notebook_dir: Path,
              start_timeout: int = 300, log=print) -> dict:
     out_ipynb = run_dir / f"{step.name}.ipynb"
@@ -328,6 +351,8 @@ def _execute(step: Step, preset_path: Path, overrides: list[str], run_dir: Path,
         error = None  # `pause` ended the notebook on purpose; its record says incomplete and how to resume
     if error is None and not metrics_path.is_file():
         error = f"the notebook wrote no metrics file ({metrics_path})"
+    elif error is not None and not error.startswith("kernel start failed"):
+        error = _stage_of_failure(out_ipynb, error)
     if error is not None:
         result.update(status="error", verdict=error.splitlines()[0][:300])
         return result

@@ -91,6 +91,20 @@ def test_pause_ends_the_notebook_as_incomplete_with_the_resume_command(tmp_path,
     assert "TrainingPaused" in (day / "t" / "00_a.ipynb").read_text()   # the page shows where and why it stopped
 
 
+@pytest.mark.parametrize("body, expected", [
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does", "out of memory in cell 3"),
+    ("raise MemoryError('host')", "out of memory in cell 3 (`raise MemoryError('host')`)"),
+    ("raise ValueError('bad')", "in cell 3 (`raise ValueError('bad')`): ValueError: bad"),
+])
+def test_an_error_names_the_cell_and_memory_says_what_to_lower(tmp_path, preset, body, expected):
+    make_notebook(tmp_path, "00_a", body)   # executed: parameters, papermill's injected parameters, then cell 3
+    code, day, summary, notebooks, lines = run(tmp_path, preset, (Step("00_a"),))
+    assert code == 1 and notebooks["00_a"]["status"] == "error"
+    assert expected in notebooks["00_a"]["verdict"], notebooks["00_a"]["verdict"]
+    if "out of memory" in expected:
+        assert "batch" in notebooks["00_a"]["verdict"]
+
+
 def test_resume_command_quotes_what_a_shell_would_split():
     assert report.resume_command("params/nano.yaml", ["run.tag=a b", "gate.n_prompts=4"]) == \
         "anima run params/nano.yaml --set 'run.tag=a b' --set gate.n_prompts=4"
