@@ -56,6 +56,33 @@ def test_jvp_matches_finite_differences_through_the_transformer():
     assert rel < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fd_tangent_matches_the_jvp_tangent_through_the_transformer(dtype):
+    # the JVP-free tangent (distill.tangent: fd, the one FSDP can take) against forward-mode AD, at the default delta
+    transformer = models.build_nano(vocabulary(), seed=3).transformer.to(dtype)
+    velocity = lambda x, s, c: models.transformer_velocity(transformer, x, s, c)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(4, 48, 1, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.05, 0.4, 1.1, 1.5], dtype=torch.float64)
+    context = torch.randn(4, 16, 64, generator=g, dtype=torch.float64)
+    delta = rcm.RCMConfig().fd_delta
+
+    def tangent(kind, fd_delta=delta):
+        return rcm.scm_tangent(velocity, velocity, x_t, t, context, net_dtype=dtype, tangent=kind, fd_delta=fd_delta)
+
+    def relative(a, b):
+        return float((a - b).norm() / b.norm())
+
+    jvp, fd = tangent("jvp"), tangent("fd")
+    rel_J, rel_g = relative(fd["J"], jvp["J"]), relative(fd["g_hat"], jvp["g_hat"])
+    rel_small = relative(tangent("fd", delta / 20)["J"], jvp["J"])  # O(delta^2) until float32 rounding (1/delta)
+    print(f"{dtype}: fd vs jvp tangent through CosmosTransformer3DModel, relative L2 of J: {rel_J:.1e} at delta "
+          f"{delta} (g_hat {rel_g:.1e}), {rel_small:.1e} at delta {delta / 20}")
+    assert rel_J < 1e-3 and rel_g < 3e-3
+    assert rel_small < (5e-4 if dtype == torch.float32 else 1e-5)   # float32: rounding-limited at 1e-3
+    torch.testing.assert_close(fd["F_minus"], jvp["F_minus"], rtol=1e-5, atol=1e-5)  # JVP primal: math attention
+
+
 def test_scm_tangent_is_cos_t_times_total_derivative_of_the_consistency_function(field):
     # g (r = 1, before normalisation) = cos t * d/dt f_student(x_t(t), t) along the teacher ODE dx/dt = F_T;
     # the student is another analytic field so everything is float64
@@ -110,6 +137,23 @@ def test_toy_rcm_student_beats_one_step_euler_on_the_teacher(field, toy_teacher_
     assert {"student", "critic"} == {h["kind"] for h in history}
     assert sum(h["kind"] == "critic" for h in history) == 4 * sum(h["kind"] == "student" for h in history)
     assert {h["rollout_steps"] for h in history if "dmd" in h} == {1, 2, 3, 4}
+
+
+def test_toy_rcm_with_the_fd_tangent_beats_one_step_euler(field, toy_teacher_copy, tmp_path):
+    cfg = _toy_config(method="rcm", iterations=300, checkpoint_every=300, rcm=rcm.RCMConfig(tangent="fd"))
+    cfg.rcm.guidance_scale = 1.0
+    distiller = trainer.Distiller(field.velocity, copy.deepcopy(toy_teacher_copy), _call, toy.ToyData(field), cfg,
+                                  tmp_path / "ck")
+    distiller.train(progress=False)
+    student = trainer.load_student_weights(copy.deepcopy(toy_teacher_copy), tmp_path / "ck")
+    g_ = torch.Generator().manual_seed(123)
+    reference = field.sample(2000, g_).float()
+    noise = torch.randn(2000, 2, generator=g_)
+    euler_1 = sampler.euler_sample(field.velocity, noise, flow.teacher_sigmas(1, 3.0))
+    student_1 = sampler.consistency_sample(student, [noise], flow.student_trig_times(1, 80.0, []))
+    ed_euler, ed_student = toy.energy_distance(euler_1, reference), toy.energy_distance(student_1, reference)
+    print(f"energy distance to the mixture: teacher Euler@1 {ed_euler:.4f}, rCM (fd) student@1 {ed_student:.4f}")
+    assert ed_student < 0.3 * ed_euler
 
 
 @pytest.mark.parametrize("method", ["rcm", "lcm"])

@@ -2,12 +2,16 @@
 
 `run_distill(params, method)` is what 02_distill, the CLI (`anima distill`) and torchrun call: it checks the cache
 against this run's teacher, builds the student from the teacher, and trains (resuming when a checkpoint exists).
+Under torchrun `start_process` first pins each rank to its device and starts the process group (nccl on CUDA, gloo
+on CPU); `distill.parallel` then picks DDP-style replicas or FSDP2 shards (parallel.py).
 Artifacts: outputs/<run>/checkpoints/<method>/{last/, ema_<iteration>.safetensors, log.jsonl}.
 """
 from __future__ import annotations
 
 import copy
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,11 +32,12 @@ def distill_config(params, method: str) -> DistillConfig:
     rcm_cfg = RCMConfig(guidance_scale=params.sampler.guidance_scale, p_g_mean=d.p_g[0], p_g_std=d.p_g[1],
                         p_d_mean=d.p_d[0], p_d_std=d.p_d[1], tangent_warmup=d.tangent_warmup,
                         scm_weight=d.scm_weight, dmd_weight=0.0 if method == "scm" else d.dmd_weight,
-                        max_rollout=d.max_rollout, sigma_max=params.sampler.sigma_max)
+                        max_rollout=d.max_rollout, sigma_max=params.sampler.sigma_max, tangent=d.tangent,
+                        fd_delta=d.fd_delta)
     cfg = DistillConfig(method="rcm" if method == "scm" else method, batch_size=d.batch_size, lr=d.lr,
                         fake_lr=d.fake_lr, student_every=d.student_every, ema_decay=d.ema_decay,
                         checkpoint_every=d.checkpoint_every, time_budget_s=d.minutes * 60, seed=params.run.seed,
-                        rcm=rcm_cfg)
+                        parallel=d.parallel, activation_checkpointing=d.activation_checkpointing, rcm=rcm_cfg)
     cfg.lcm.shift = params.sampler.shift
     cfg.iterations = d.student_steps * (d.student_every if cfg.uses_critic else 1)
     return cfg
@@ -66,15 +71,37 @@ def build_distiller(params, method: str, components=None, rank: int = 0, world_s
                      rank=rank, world_size=world_size, log=log)
 
 
-def run_distill(params, method: str = "rcm", progress: bool = True, components=None) -> Distiller:
-    """Train (or resume, or find finished) one method; under torchrun every rank calls this."""
+@dataclass(frozen=True)
+class Process:
+    rank: int
+    world_size: int
+    local_rank: int          # this process's GPU on its node
+    device: torch.device
+
+
+def start_process(device: str) -> Process:
+    """This process's place under torchrun (rank 0 of 1 otherwise), its device selected and, with several processes,
+    the process group started: nccl on CUDA, gloo on CPU. CUDA ranks select cuda:LOCAL_RANK before anything is
+    allocated or the group starts, so they don't all land on cuda:0 (models then load to 'cuda' = that device)."""
     from ..cache import env_rank
     rank, world_size = env_rank()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        where = torch.device("cuda", local_rank)
+    else:
+        where = torch.device("cpu")
     if world_size > 1:
         import torch.distributed as dist
         if not dist.is_initialized():
-            dist.init_process_group("gloo")
-    distiller = build_distiller(params, method, components, rank, world_size)
+            dist.init_process_group("nccl" if where.type == "cuda" else "gloo")
+    return Process(rank, world_size, local_rank, where)
+
+
+def run_distill(params, method: str = "rcm", progress: bool = True, components=None) -> Distiller:
+    """Train (or resume, or find finished) one method; under torchrun every rank calls this."""
+    process = start_process(params.run.device)
+    distiller = build_distiller(params, method, components, process.rank, process.world_size)
     distiller.train(progress=progress)
     return distiller
 

@@ -7,7 +7,8 @@ t in [0, pi/2] with sigma_d = 1 (flow.py has the maps); every network is an RF v
     F(x_t, t) = ((cos t - sin t) x_t + v(x_t / (cos t + sin t), s(t), c)) / (cos t + sin t)    (fp64 arithmetic)
     f(x_t, t) = cos t x_t - sin t F(x_t, t)                                                      (the x0 estimate)
 
-sCM target direction (r = tangent warm-up ratio, J = jvp of F_student along the teacher ODE):
+sCM target direction (r = tangent warm-up ratio, J = cos t sin t dF_student/dt along the teacher ODE, taken by a JVP
+(`tangent="jvp"`) or a central finite difference (`tangent="fd"`, the JVP-free form that composes with FSDP2):
     g = -cos t sqrt(1 - r^2 sin^2 t) (F^- - F_T^w) - (r cos t sin t x_t + J),  g <- g / (||g|| + c)
     L_sCM = sum (F - sg F - g)^2
 DMD (student rollout x0_hat, re-noised to t_D ~ p_D):
@@ -41,6 +42,8 @@ class RCMConfig:
     max_rollout: int = 4
     sigma_max: float = 80.0          # rollouts start at t0 = arctan(sigma_max), as the student sampler does
     t_min: float = 1e-4              # clamp: keeps 1/sin t out of every path
+    tangent: str = "jvp"             # jvp (forward-mode AD, one device or DDP) | fd (finite difference, FSDP-safe)
+    fd_delta: float = 0.02           # fd: TrigFlow time step of the central difference (see fd_time_derivative)
 
 
 # --- times -------------------------------------------------------------------------------------------------------------
@@ -90,10 +93,35 @@ def math_attention():
 
 # --- sCM ---------------------------------------------------------------------------------------------------------------
 
+TANGENTS = ("jvp", "fd")
+
+
+def jvp_time_derivative(student_F, x_t: torch.Tensor, t: torch.Tensor, teacher_F: torch.Tensor):
+    """(F^-, J): J = jvp of F_student along the tangent (cos t sin t F_T, cos t sin t), by forward-mode AD."""
+    cos_t, sin_t = _col(torch.cos(t), x_t), _col(torch.sin(t), x_t)
+    with math_attention():
+        return torch.func.jvp(student_F, (x_t, t), (cos_t * sin_t * teacher_F, torch.cos(t) * torch.sin(t)))
+
+
+def fd_time_derivative(student_F, x_t: torch.Tensor, t: torch.Tensor, teacher_F: torch.Tensor, delta: float):
+    """(F^-, J) with J = cos t sin t [F(x_t + d F_T, t + d) - F(x_t - d F_T, t - d)] / 2d: the same J as the JVP, from
+    plain no-grad forwards (any attention kernel, FSDP-sharded modules). Central, not forward: its O(d^2) error allows
+    a d large enough to rise above bf16 rounding (which grows like 1/d) for one extra forward. The stencil may step
+    d outside [0, pi/2]: the wrapper is smooth there (cos t + sin t > 0)."""
+    cos_t, sin_t = _col(torch.cos(t), x_t), _col(torch.sin(t), x_t)
+    F_minus = student_F(x_t, t)
+    ahead = student_F(x_t + delta * teacher_F, t + delta)
+    behind = student_F(x_t - delta * teacher_F, t - delta)
+    return F_minus, cos_t * sin_t * (ahead - behind) / (2 * delta)
+
+
 @torch.no_grad()
 def scm_tangent(student_fn: VelocityFn, teacher_guided_fn: VelocityFn, x_t: torch.Tensor, t: torch.Tensor, context,
-                warmup_ratio: float = 1.0, norm_c: float = 0.1, net_dtype=torch.float32) -> dict:
+                warmup_ratio: float = 1.0, norm_c: float = 0.1, net_dtype=torch.float32, tangent: str = "jvp",
+                fd_delta: float = 0.02) -> dict:
     """The normalized sCM target direction g_hat (float64) and diagnostics; no gradient flows from here."""
+    if tangent not in TANGENTS:
+        raise ValueError(f"tangent {tangent!r}: allowed {list(TANGENTS)}")
     x_t, t = x_t.double(), t.double()
     cos_t, sin_t = _col(torch.cos(t), x_t), _col(torch.sin(t), x_t)
     teacher_F = trig_F(teacher_guided_fn, x_t, t, context, net_dtype)
@@ -101,13 +129,15 @@ def scm_tangent(student_fn: VelocityFn, teacher_guided_fn: VelocityFn, x_t: torc
     def student_F(x, time):
         return trig_F(student_fn, x, time, context, net_dtype)
 
-    with math_attention():
-        F_minus, jvp = torch.func.jvp(student_F, (x_t, t), (cos_t * sin_t * teacher_F, torch.cos(t) * torch.sin(t)))
+    if tangent == "jvp":
+        F_minus, J = jvp_time_derivative(student_F, x_t, t, teacher_F)
+    else:
+        F_minus, J = fd_time_derivative(student_F, x_t, t, teacher_F, fd_delta)
     r = warmup_ratio
-    g = -cos_t * torch.sqrt(1 - r ** 2 * sin_t ** 2) * (F_minus - teacher_F) - (r * cos_t * sin_t * x_t + jvp)
+    g = -cos_t * torch.sqrt(1 - r ** 2 * sin_t ** 2) * (F_minus - teacher_F) - (r * cos_t * sin_t * x_t + J)
     g_norm = g.flatten(1).norm(dim=1)
     g_hat = g / _col(g_norm + norm_c, g)
-    return {"g_hat": g_hat, "g_norm": g_norm, "F_minus": F_minus, "teacher_F": teacher_F}
+    return {"g_hat": g_hat, "g_norm": g_norm, "F_minus": F_minus, "teacher_F": teacher_F, "J": J}
 
 
 def scm_loss(student_fn: VelocityFn, x_t: torch.Tensor, t: torch.Tensor, context, g_hat: torch.Tensor,

@@ -9,8 +9,11 @@ written with (a changed lr, batch, seed, ... is refused, naming the parameter); 
 and names the term, leaving the last good checkpoint in place. `iterations` decides what is trained: the time budget
 only pauses one invocation after a checkpoint (`paused`), and the next invocation resumes.
 Under torchrun every rank takes rows rank::W of each global batch; every random draw is made for the global batch
-(same generator on all ranks) and sliced the same way, and the losses are sums, so gradients are all-reduced by SUM:
-W ranks compute the same update as one process with the whole batch (up to float summation order).
+(same generator on all ranks) and sliced the same way, and the losses are sums, so gradients are summed over ranks:
+W ranks compute the same update as one process with the whole batch (up to float summation order). `parallel`
+says how: ddp (every rank holds whole networks; one flat all-reduce) or fsdp (parallel.py: student, fake score and
+LCM target sharded per transformer block, reduce-scatter; the frozen teacher stays whole on every rank). Checkpoints
+hold whole tensors either way, so a run resumes with any number of processes.
 """
 from __future__ import annotations
 
@@ -25,19 +28,28 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..flow_matching import EMA, _load_optimizer_state, _optimizer_state_tensors, check_same_run, warmup_lr
+from ..flow_matching import (EMA, ResumeError, _load_optimizer_state, _optimizer_state_tensors, check_same_run,
+                             warmup_lr)
 from ..io import atomic_replace_dir, atomic_write_json, load_finite, recover_dir
-from . import lcm, rcm
+from . import lcm, parallel, rcm
 
 METHODS = ("rcm", "scm", "lcm")
-RESUMABLE_CHANGES = ("iterations", "time_budget_s", "checkpoint_every")  # change when training stops, not what it learns
+PARALLEL = ("ddp", "fsdp")
+# change when training stops or how it is spread over devices, not what it learns
+RESUMABLE_CHANGES = ("iterations", "time_budget_s", "checkpoint_every", "parallel", "activation_checkpointing")
 PARAM_NAMES = {  # DistillConfig field -> the parameter a user sets (for refusal messages)
     "batch_size": "distill.batch_size", "lr": "distill.lr", "fake_lr": "distill.fake_lr",
     "student_every": "distill.student_every", "ema_decay": "distill.ema_decay", "seed": "run.seed",
     "rcm.guidance_scale": "sampler.guidance_scale", "rcm.p_g_mean": "distill.p_g[0]", "rcm.p_g_std": "distill.p_g[1]",
     "rcm.p_d_mean": "distill.p_d[0]", "rcm.p_d_std": "distill.p_d[1]", "rcm.tangent_warmup": "distill.tangent_warmup",
     "rcm.scm_weight": "distill.scm_weight", "rcm.dmd_weight": "distill.dmd_weight",
-    "rcm.max_rollout": "distill.max_rollout", "rcm.sigma_max": "sampler.sigma_max", "lcm.shift": "sampler.shift"}
+    "rcm.max_rollout": "distill.max_rollout", "rcm.sigma_max": "sampler.sigma_max", "lcm.shift": "sampler.shift",
+    "rcm.tangent": "distill.tangent", "rcm.fd_delta": "distill.fd_delta", "parallel": "distill.parallel",
+    "activation_checkpointing": "distill.activation_checkpointing"}
+
+
+JVP_WITH_FSDP = ("distill.parallel = fsdp cannot take the jvp tangent (forward-mode AD does not pass through "
+                 "FSDP-sharded modules); set distill.tangent: fd")
 
 
 class DivergenceError(RuntimeError):
@@ -60,6 +72,8 @@ class DistillConfig:
     time_budget_s: Optional[float] = None   # of one invocation: pause after a checkpoint; the next one resumes
     seed: int = 0
     net_dtype: str = "float32"
+    parallel: str = "ddp"             # ddp | fsdp (under torchrun with more than one process; see parallel.py)
+    activation_checkpointing: bool = False   # recompute transformer blocks in backward (never inside a JVP)
     rcm: rcm.RCMConfig = field(default_factory=rcm.RCMConfig)
     lcm: lcm.LCMConfig = field(default_factory=lcm.LCMConfig)
 
@@ -71,6 +85,12 @@ class DistillConfig:
         if isinstance(self.lcm, dict):
             self.lcm = lcm.LCMConfig(**self.lcm)
         self.betas = tuple(self.betas)
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel {self.parallel!r}: allowed {list(PARALLEL)}")
+        if self.rcm.tangent not in rcm.TANGENTS:
+            raise ValueError(f"rcm.tangent {self.rcm.tangent!r}: allowed {list(rcm.TANGENTS)}")
+        if self.parallel == "fsdp" and self.method == "rcm" and self.rcm.tangent == "jvp":
+            raise ValueError(JVP_WITH_FSDP)
 
     @property
     def uses_critic(self) -> bool:
@@ -93,11 +113,6 @@ class DistillState:
 
 def _velocity(call: ModuleCall, module: torch.nn.Module):
     return lambda x, s, context: call(module, x, s, context)
-
-
-def _grad_norm(params) -> float:
-    norms = [p.grad.detach().norm() for p in params if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
 
 
 def _all_reduce_grads(params) -> None:
@@ -124,9 +139,12 @@ class Distiller:
         self.rank, self.world_size = rank, world_size
         self.dir = Path(checkpoint_dir)
         self.net_dtype = getattr(torch, cfg.net_dtype)
+        self.device = next(student.parameters()).device   # where the networks live; data and draws are moved here
         self.student = student.train().requires_grad_(True)
         self.fake = copy.deepcopy(student) if cfg.uses_critic else None       # fake score starts as the teacher
         self.target = copy.deepcopy(student).requires_grad_(False) if cfg.method == "lcm" else None
+        self.sharded = cfg.parallel == "fsdp" and world_size > 1   # one process has nothing to shard
+        self._prepare_networks()
         named = dict(self.student.named_parameters())
         self.ema = EMA(named, cfg.ema_decay)
         self.opt = torch.optim.AdamW(list(named.values()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -139,13 +157,27 @@ class Distiller:
         if (recover_dir(self.dir / "last") / "state.json").is_file():  # a kill inside the folder swap left .last.old
             self._load()
 
+    def _networks(self) -> list[torch.nn.Module]:
+        return [m for m in (self.student, self.fake, self.target) if m is not None]
+
+    def _prepare_networks(self) -> None:
+        """Activation checkpointing, then FSDP2 sharding — before the optimizers and the EMA see the parameters."""
+        for module in self._networks():
+            if self.cfg.activation_checkpointing and module is not self.target:   # the LCM target never trains
+                parallel.checkpoint_activations(module)
+            if self.sharded:
+                parallel.shard(module, self.device, self.world_size)
+
     # --- one iteration ------------------------------------------------------------------------------------------------
 
     def _guided_teacher(self, negative):
         return rcm.guided(self.teacher_fn, negative, self.cfg.rcm.guidance_scale)
 
     def _local(self, global_draw: torch.Tensor) -> torch.Tensor:
-        return global_draw[self.rank::self.world_size]
+        return global_draw[self.rank::self.world_size].to(self.device)
+
+    def _on_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _randn_like(self, x):
         """Noise for this rank's rows, drawn for the whole global batch."""
@@ -164,7 +196,7 @@ class Distiller:
         together (and the returned values are the global batch's)."""
         if self.world_size > 1:
             import torch.distributed as dist
-            values = torch.tensor(list(terms.values()), dtype=torch.float64)
+            values = torch.tensor(list(terms.values()), dtype=torch.float64, device=self.device)  # nccl: on device
             dist.all_reduce(values)
             terms = dict(zip(terms, values.tolist()))
         for name, value in terms.items():
@@ -197,7 +229,8 @@ class Distiller:
             noise = self._randn_like(x0)
             x_t = rcm._col(torch.cos(t), x0) * x0 + rcm._col(torch.sin(t), x0) * noise
             warmup = 1.0 if r.tangent_warmup == 0 else min(1.0, self.state.student_steps / r.tangent_warmup)
-            tangent = rcm.scm_tangent(student_fn, teacher, x_t, t, context, warmup, r.tangent_norm, self.net_dtype)
+            tangent = rcm.scm_tangent(student_fn, teacher, x_t, t, context, warmup, r.tangent_norm, self.net_dtype,
+                                      r.tangent, r.fd_delta)
             terms["scm"] = rcm.scm_loss(student_fn, x_t, t, context, tangent["g_hat"], self.net_dtype)
             info["g_norm"] = float(tangent["g_norm"].mean())
             total = r.scm_weight * terms["scm"]
@@ -217,13 +250,14 @@ class Distiller:
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         params = list(self.student.parameters())
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.sharded:   # FSDP reduce-scattered them in backward
             _all_reduce_grads(params)
-        info["grad_norm"] = _grad_norm(params)
+        info["grad_norm"] = parallel.grad_norm(params)
         if not math.isfinite(info["grad_norm"]):  # already global (gradients were all-reduced)
             self._check({"student gradient norm": info["grad_norm"]})
         self._set_lr(self.opt, cfg.lr, self.state.student_steps)
         self.opt.step()
+        self.opt.zero_grad(set_to_none=True)   # no student grads held through the critic steps (2B: 8 GB in fp32)
         self.state.student_steps += 1
         self.ema.update(dict(self.student.named_parameters()), self.state.student_steps)
         if self.target is not None:
@@ -248,11 +282,12 @@ class Distiller:
         self.fake_opt.zero_grad(set_to_none=True)
         loss.backward()
         params = list(self.fake.parameters())
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.sharded:
             _all_reduce_grads(params)
-        grad_norm = _grad_norm(params)
+        grad_norm = parallel.grad_norm(params)
         self._set_lr(self.fake_opt, self.cfg.fake_lr, self.fake_steps)
         self.fake_opt.step()
+        self.fake_opt.zero_grad(set_to_none=True)
         self.fake_steps += 1
         return {"kind": "critic", "critic": critic_value, "critic_grad_norm": grad_norm, "rollout_steps": steps}
 
@@ -278,7 +313,7 @@ class Distiller:
                 break
             if stop_after is not None and done_here >= stop_after:
                 return state
-            batch = self.data.batch(state.iteration, cfg.batch_size, self.rank, self.world_size)
+            batch = self._on_device(self.data.batch(state.iteration, cfg.batch_size, self.rank, self.world_size))
             if cfg.is_student_step(state.iteration):
                 record = self._student_step(batch)
             else:
@@ -308,7 +343,7 @@ class Distiller:
         over = time.perf_counter() - invocation_started > self.cfg.time_budget_s
         if self.world_size > 1:
             import torch.distributed as dist
-            flag = torch.tensor([float(over)])
+            flag = torch.tensor([float(over)], device=self.device)
             dist.broadcast(flag, src=0)
             over = bool(flag.item())
         return over
@@ -316,34 +351,40 @@ class Distiller:
     # --- checkpoints ------------------------------------------------------------------------------------------------
 
     def save(self) -> Path:
-        """Atomic: stage every file, then swap the folder in. Only rank 0 writes (weights and RNG are equal on all
-        ranks, so a run may resume with another number of processes)."""
-        if self.rank != 0:
+        """Atomic: stage every file, then swap the folder in. Files hold whole tensors (gathered from the shards under
+        FSDP, collectively) and only rank 0 writes, so a run may resume with another number of processes."""
+        if self.rank != 0 and not self.sharded:   # DDP: every rank holds the same whole tensors; rank 0 has them
             return self.dir / "last"
         staging = self.dir / ".last.tmp"
-        staging.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.student.state_dict().items()},
-                  staging / "student.safetensors")
-        save_file(self.ema.shadow, staging / "ema.safetensors")
-        save_file(_optimizer_state_tensors(self.opt, [n for n, _ in self.student.named_parameters()]),
-                  staging / "optimizer.safetensors")
+        if self.rank == 0:
+            staging.mkdir(parents=True, exist_ok=True)
+        self._write(self.student.state_dict(), staging / "student.safetensors")
+        ema = self._write(self.ema.shadow, staging / "ema.safetensors")
+        self._write(_optimizer_state_tensors(self.opt, _names(self.student)), staging / "optimizer.safetensors")
         if self.fake is not None:
-            save_file({k: v.detach().contiguous() for k, v in self.fake.state_dict().items()},
-                      staging / "fake_score.safetensors")
-            save_file(_optimizer_state_tensors(self.fake_opt, [n for n, _ in self.fake.named_parameters()]),
-                      staging / "fake_optimizer.safetensors")
+            self._write(self.fake.state_dict(), staging / "fake_score.safetensors")
+            self._write(_optimizer_state_tensors(self.fake_opt, _names(self.fake)),
+                        staging / "fake_optimizer.safetensors")
         if self.target is not None:
-            save_file({k: v.detach().contiguous() for k, v in self.target.state_dict().items()},
-                      staging / "lcm_target.safetensors")
+            self._write(self.target.state_dict(), staging / "lcm_target.safetensors")
+        if self.rank != 0:
+            return self.dir / "last"
         save_file({"generator": self.generator.get_state()}, staging / "rng.safetensors")
         atomic_write_json(staging / "state.json", {
             **asdict(self.state), "fake_steps": self.fake_steps, "world_size": self.world_size,
             "config": asdict(self.cfg)})
         atomic_replace_dir(staging, self.dir / "last")
         snapshot = self.dir / f"ema_{self.state.iteration:06d}.safetensors"
-        save_file(self.ema.shadow, snapshot.with_suffix(".tmp"))
+        save_file(ema, snapshot.with_suffix(".tmp"))
         snapshot.with_suffix(".tmp").rename(snapshot)
         return self.dir / "last"
+
+    def _write(self, tensors: dict, path: Path) -> dict:
+        """Whole tensors (a collective gather under FSDP, so every rank calls this); rank 0 writes and returns them."""
+        whole = parallel.full_tensors(tensors, keep=self.rank == 0)
+        if self.rank == 0:
+            save_file(whole, path)
+        return whole
 
     def _load(self) -> None:
         last = self.dir / "last"
@@ -353,23 +394,45 @@ class Distiller:
                              f"(use another checkpoint folder)")
         check_same_run(meta["config"], asdict(self.cfg), last, RESUMABLE_CHANGES, PARAM_NAMES)
         if meta["iteration"] > self.cfg.iterations:
-            raise ValueError(f"{last}: the checkpoint has trained {meta['iteration']} iterations, more than the "
+            raise ResumeError(f"{last}: the checkpoint has trained {meta['iteration']} iterations, more than the "
                              f"{self.cfg.iterations} asked for (distill.student_steps); ask for at least as many, score "
                              f"an earlier ema_<iteration>.safetensors (distill.checkpoint), or use another run.name")
-        self.student.load_state_dict(load_finite(last / "student.safetensors"))
-        self.ema.shadow = load_finite(last / "ema.safetensors")
-        _load_optimizer_state(self.opt, [n for n, _ in self.student.named_parameters()],
-                              load_finite(last / "optimizer.safetensors"))
+        _load_module(self.student, last / "student.safetensors")
+        self.ema.shadow = _placed_like(load_finite(last / "ema.safetensors"), self.ema.shadow)
+        _load_optimizer(self.opt, self.student, last / "optimizer.safetensors")
         if self.fake is not None:
-            self.fake.load_state_dict(load_finite(last / "fake_score.safetensors"))
-            _load_optimizer_state(self.fake_opt, [n for n, _ in self.fake.named_parameters()],
-                                  load_finite(last / "fake_optimizer.safetensors"))
+            _load_module(self.fake, last / "fake_score.safetensors")
+            _load_optimizer(self.fake_opt, self.fake, last / "fake_optimizer.safetensors")
         if self.target is not None:
-            self.target.load_state_dict(load_finite(last / "lcm_target.safetensors"))
+            _load_module(self.target, last / "lcm_target.safetensors")
         self.generator.set_state(load_file(last / "rng.safetensors")["generator"])
         self.fake_steps = meta["fake_steps"]
         self.state = DistillState(iteration=meta["iteration"], student_steps=meta["student_steps"],
                                   wall_s=meta["wall_s"], history=meta["history"])
+
+
+def _names(module: torch.nn.Module) -> list[str]:
+    return [n for n, _ in module.named_parameters()]
+
+
+def _placed_like(whole: dict, current: dict) -> dict:
+    """Whole tensors from a checkpoint, each where its current counterpart lives (this rank's shard under FSDP)."""
+    return {k: parallel.placed_like(v, current[k]) if k in current else v for k, v in whole.items()}
+
+
+def _load_module(module: torch.nn.Module, path: Path) -> None:
+    module.load_state_dict(_placed_like(load_finite(path), module.state_dict()))
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, module: torch.nn.Module, path: Path) -> None:
+    """Adam moments (saved whole, named <param>::<key>) cut like their parameter; scalar entries (step) as saved."""
+    params = dict(module.named_parameters())
+    tensors = {}
+    for key, value in load_finite(path).items():
+        param = params.get(key.split("::", 1)[0])
+        same_shape = param is not None and tuple(value.shape) == tuple(param.shape)
+        tensors[key] = parallel.placed_like(value, param) if same_shape else value
+    _load_optimizer_state(optimizer, _names(module), tensors)
 
 
 def load_student_weights(module: torch.nn.Module, checkpoint: Path, which: str = "ema") -> torch.nn.Module:
