@@ -32,7 +32,7 @@ def pseudo_huber(diff: torch.Tensor, c: float) -> torch.Tensor:
 def lcm_loss(student_fn: VelocityFn, target_fn: VelocityFn, teacher_guided_fn: VelocityFn, x0: torch.Tensor,
              noise: torch.Tensor, context, grid_index: torch.Tensor, cfg: LCMConfig) -> torch.Tensor:
     """grid_index [B] in [0, grid_steps): which interval of the sigma grid each sample uses."""
-    sigmas = flow.teacher_sigmas(cfg.grid_steps, cfg.shift)
+    sigmas = flow.teacher_sigmas(cfg.grid_steps, cfg.shift).to(x0.device)  # indexed by the device-side grid index
     index = grid_index
     s_hi, s_lo = sigmas[index].to(x0.dtype), sigmas[index + 1].to(x0.dtype)
     x_hi = flow.rf_noisy(x0, noise, s_hi)

@@ -15,8 +15,9 @@ States (bytes per parameter; rCM's recipe: BF16 compute, FP32 master weights, Ad
         one and one prefetched, and the root parameters outside the blocks) and one block's unsharded bf16 grads
         with their fp32 reduce-scatter copy.
   EMA 4 B/param (sharded under fsdp); teacher bf16 2 B/param, frozen, replicated or sharded (`teacher_sharded`).
-The fake score keeps its grads between critic steps (trainer.py zeroes them just before its own backward), so both
-nets' grads are live in every step; text embeddings are cached, so no text encoder or VAE sits on the GPU.
+Both nets' grads are counted as live (conservative: trainer.py now frees each net's grads right after its optimizer
+step, so the true peak is lower by one net's grads, 3.9 GB under DDP at 2B); text embeddings are cached, so no text
+encoder or VAE sits on the GPU.
 
 Activations are MEASURED, never typed in (`measure_activations`): ONE real-width CosmosTransformerBlock (hidden 2048 =
 16 heads x 128, mlp ratio 4, cross-attention to 512 text tokens of dim 1024, adaLN-LoRA 256, the real RoPE tables) is
