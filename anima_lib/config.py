@@ -89,6 +89,19 @@ def _trig_mid_times(values):
     return None
 
 
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's v0.2.0 release asset
+CLIP_CHECKPOINT_FILE = "open_clip_pytorch_model.bin"  # what an open_clip ViT repo ships (or a .safetensors of it)
+
+
+def _prompt_files(value):
+    files = [value] if isinstance(value, str) else value
+    if not files or any(not f.strip() for f in files):
+        return "must be a JSONL file or a non-empty list of them"
+    if len(set(files)) != len(files):
+        return "must not list a file twice"
+    return None
+
+
 @dataclass
 class RunParams:
     name: str = _spec("nano", help="run name: artifacts go to <output_dir>/<name>, reports to <report_dir>/<date>/<name>",
@@ -145,16 +158,28 @@ class GateParams:
     student_steps: list[int] = _spec(
         help="student step counts scored by the gate", check=_each_in(STUDENT_STEPS), bounds=(1, max(STUDENT_STEPS)),
         default_factory=lambda: list(STUDENT_STEPS))
-    n_prompts: int = _spec(8, help="prompts in the gate set", check=_positive, bounds=(1, 1_000_000))
+    n_prompts: int = _spec(8, help="prompts in the gate set (nano: drawn from the creature sampler; a real preset: taken "
+                                    "evenly spaced from gate.prompts_file, at most as many as the files hold)",
+                           check=_positive, bounds=(1, 1_000_000))
     seeds_per_prompt: int = _spec(4, help="images per prompt (fixed seeds)", check=_positive, bounds=(1, 1000))
-    image_size: int = _spec(32, help="nano: image side in pixels", check=lambda v: None if v % 16 == 0 and v > 0
-                            else "must be a positive multiple of 16", bounds=(16, 4096))
+    image_size: int = _spec(32, help="image side in pixels of every gate sample (nano 32, anima-2b 1024)",
+                            check=lambda v: None if v % 16 == 0 and v > 0 else "must be a positive multiple of 16",
+                            bounds=(16, 4096))
+    batch_size: int = _spec(128, help="images sampled per batch (teacher and student rows); numbers do not depend on it",
+                            check=_positive, bounds=(1, MAX_BATCH))
+    prompts_file: Optional[typing.Union[str, list[str]]] = _spec(
+        None, help="real presets: the evaluation prompts, one JSONL file or a list of them (id, prompt, optional "
+                   "category per line; ids unique across files; no prompt of cache.prompts_file); required when "
+                   "model.preset is not nano; unused by nano (its gate draws creatures)",
+        check=_prompt_files)
     inception_weights: Optional[str] = _spec(
-        None, help="FID: local InceptionV3 weights of torch-fidelity (pt_inception-2015-12-05-6726825d.pth); "
-                   "null: FID is reported as not computed")
-    clip_model: str = _spec("ViT-B-32", help="CLIP score: open_clip model name of clip_checkpoint")
+        None, help=f"FID: local InceptionV3 weights of torch-fidelity ({INCEPTION_WEIGHTS_FILE}); required on a real "
+                   f"preset; nano: unused")
+    clip_model: str = _spec("ViT-B-32", help="CLIP score, diversity and style readers: open_clip model name of "
+                                             "clip_checkpoint")
     clip_checkpoint: Optional[str] = _spec(
-        None, help="CLIP score: local open_clip checkpoint (.safetensors or .bin) for clip_model; null: not computed")
+        None, help="CLIP readers: local open_clip checkpoint (.safetensors or .bin, e.g. open_clip_pytorch_model.bin) "
+                   "for clip_model; required on a real preset; nano: unused")
 
 
 @dataclass
@@ -183,7 +208,8 @@ class TeacherParams:
 class CacheParams:
     n_prompts: int = _spec(512, help="nano: prompts drawn from the nano world (ignored when prompts_file is set)",
                            check=_positive, bounds=(1, 10_000_000))
-    prompts_file: Optional[str] = _spec(None, help="JSONL with id, prompt and optional negative per line")
+    prompts_file: Optional[str] = _spec(None, help="JSONL with id, prompt and optional negative per line (the training "
+                                                   "prompts; required on a real preset, else the nano sampler draws them)")
     shard_size: int = _spec(64, help="prompts per shard file", check=_positive, bounds=(1, 100_000))
     dtype: str = _spec("bfloat16", help="dtype of the stored trajectories", allowed=DTYPES)
     precision: str = _spec("q8_0", help="text-embedding precision the distillation reader yields",
@@ -232,6 +258,27 @@ class DistillParams:
                                  check=_each_method, default_factory=lambda: ["scm", "lcm"])
     checkpoint: str = _spec("last", help="what 05_quality_gate scores: 'last' (the final EMA) or a path to an "
                                          "ema_<iteration>.safetensors snapshot of the rCM run")
+    tangent: str = _spec("jvp", help="sCM time derivative of the student: 'jvp' (forward-mode AD, math attention) or "
+                                     "'fd' (central finite difference: plain forwards, any attention kernel, FSDP)",
+                         allowed=("jvp", "fd"))
+    fd_delta: float = _spec(0.02, help="fd: TrigFlow time step of the central difference; its error grows like "
+                                       "delta^2, bf16 rounding like 1/delta (nano DiT vs a float64 JVP: fp32 0.3-2% at "
+                                       "0.02, best ~3e-4 at 1e-3; bf16 ~10% at 0.05, the better choice there)",
+                            bounds=(1e-4, 0.1))
+    parallel: str = _spec("ddp", help="under torchrun: 'ddp' (whole networks on every rank) or 'fsdp' (student and "
+                                      "fake score sharded per transformer block with FSDP2, bf16 compute on CUDA; "
+                                      "needs distill.tangent: fd)", allowed=("ddp", "fsdp"))
+    activation_checkpointing: bool = _spec(False, help="recompute each transformer block in backward instead of "
+                                                       "storing its activations (less memory, ~1/3 more compute)")
+    grad_accumulation: int = _spec(1, help="passes per optimizer step, each over 1/N of a rank's rows (the losses "
+                                           "are sums, so the step is the whole batch's): global batch = batch_size = "
+                                           "ranks x rows per pass x N; must divide batch_size / ranks",
+                                   check=_positive, bounds=(1, 1024))
+
+    def __post_init__(self):
+        if self.parallel == "fsdp" and self.tangent == "jvp":  # a cross-key rule: checked when the section is built
+            raise ConfigError("distill.parallel = 'fsdp' cannot take distill.tangent = 'jvp' (forward-mode AD does not "
+                              "pass through FSDP-sharded modules); set distill.tangent: fd")
 
 
 @dataclass
@@ -538,22 +585,60 @@ def load_config(preset: str | os.PathLike = "nano", overrides: list[str] | dict 
     if params.sampler.teacher_steps not in params.gate.teacher_steps:
         raise ConfigError(f"{source}: gate.teacher_steps = {params.gate.teacher_steps} must include "
                           f"sampler.teacher_steps = {params.sampler.teacher_steps} (the gate's reference row)")
-    if params.lora.style_folder is not None and not _resolve(params.lora.style_folder).is_dir():
-        raise ConfigError(f"{source}: lora.style_folder = {params.lora.style_folder!r}: no such folder (a folder of "
-                          f"images with same-name .txt captions, or null for the nano renderer's style mode)")
-    for key in ("inception_weights", "clip_checkpoint"):
-        value = getattr(params.gate, key)
-        if value is not None and not _resolve(value).is_file():
-            raise ConfigError(f"{source}: gate.{key} = {value!r}: no such file (nothing is downloaded; null leaves "
-                              f"the metric out of the report, saying so)")
+    for path in gate_prompt_files(params):
+        if not path.is_file():
+            raise ConfigError(f"{source}: gate.prompts_file: {str(path)!r}: no such file")
     if check_paths:
         _check_model_paths(params)
+        _check_evaluation_world(params)
         _check_writable(params)
     if params.run.device == "cuda":
         import torch  # only here: validating a CPU preset stays instant
         if not torch.cuda.is_available():
             raise ConfigError(f"{source}: run.device = 'cuda' but this machine has no CUDA device; use cpu")
     return params
+
+
+def gate_prompt_files(params) -> list[Path]:
+    """gate.prompts_file as a list of resolved paths (one file or a list of them; none on nano presets)."""
+    value = params.gate.prompts_file
+    return [_resolve(f) for f in ([value] if isinstance(value, str) else value or [])]
+
+
+def _check_evaluation_world(p: Params) -> None:
+    """Paths of the evaluation world. A real preset scores with its own prompts and readers from local weights,
+    required here, before any compute: nothing falls back to the nano world's creatures or probe, and no metric is
+    quietly "not computed"."""
+    src, g = p.source, p.gate
+    if p.model.preset != "nano":
+        real = f"model.preset = {p.model.preset!r}"
+        if p.cache.prompts_file is None:
+            raise ConfigError(f"{src}: cache.prompts_file is required with {real} (the training prompts, a JSONL of id "
+                              f"and prompt; without it the cache would draw nano creature prompts), e.g. "
+                              f"params/prompts/train.jsonl")
+        if g.prompts_file is None:
+            raise ConfigError(f"{src}: gate.prompts_file is required with {real} (the evaluation prompts, one JSONL or a "
+                              f"list, disjoint from cache.prompts_file; the nano gate would draw creatures), e.g. "
+                              f"[params/prompts/eval_geneval_style.jsonl, params/prompts/eval_studio.jsonl]")
+        expected = {"gate.inception_weights": f"torch-fidelity's InceptionV3 weights, {INCEPTION_WEIGHTS_FILE}",
+                    "gate.clip_checkpoint": f"an open_clip checkpoint of gate.clip_model = {g.clip_model!r}, e.g. "
+                                            f"{CLIP_CHECKPOINT_FILE}"}
+        missing = [f"{key} ({what})" for key, what in expected.items() if getattr(g, key.split(".")[1]) is None]
+        if missing:
+            raise ConfigError(f"{src}: {real} scores the gate with FID and CLIP readers from local weights; set "
+                              f"{' and '.join(missing)}; nothing is downloaded")
+        held = sum(sum(1 for line in path.read_bytes().split(b"\n") if line.strip()) for path in gate_prompt_files(p))
+        if g.n_prompts > held:
+            raise ConfigError(f"{src}: gate.n_prompts = {g.n_prompts} but gate.prompts_file holds {held} prompts; "
+                              f"use at most {held} (or add prompts)")
+    for key, name in (("inception_weights", INCEPTION_WEIGHTS_FILE), ("clip_checkpoint", CLIP_CHECKPOINT_FILE)):
+        value = getattr(g, key)
+        if value is not None and not _resolve(value).is_file():
+            raise ConfigError(f"{src}: gate.{key} = {value!r}: no such file (expected a local {name}; nothing is "
+                              f"downloaded)")
+    if p.lora.style_folder is not None and not _resolve(p.lora.style_folder).is_dir():
+        raise ConfigError(f"{src}: lora.style_folder = {p.lora.style_folder!r}: no such folder (a folder of "
+                          f"images with same-name .txt captions, or null for the nano renderer's style mode)")
 
 
 def _display(path: Path) -> str:

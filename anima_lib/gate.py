@@ -1,7 +1,11 @@
 """The quality gate's harness: fixed prompts and seeds, every model and step count sampled from the same noise,
 metrics per row ("teacher@20", "teacher@1", ...; "renderer" is the nano world's ground truth).
 
-Per row (see anima_lib.metrics for the probe metrics):
+The prompts come from the evaluation world (anima_lib.worlds): on nano presets the creature sampler (with ground-truth
+attributes), on a real preset the JSONL files of gate.prompts_file (never creatures). This module samples; the world's
+readers score.
+
+Per nano row (see anima_lib.metrics for the probe metrics):
   fd_probe              Fréchet distance in probe features to renderer images of the same prompts (absolute)
   fd_probe_vs_teacher   the same, to teacher@<sampler.teacher_steps> samples drawn with *other* seeds; on the
                         teacher row itself this is the noise floor a student is judged against
@@ -10,13 +14,14 @@ Per row (see anima_lib.metrics for the probe metrics):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
 from . import flow, metrics, models, sampler
-from .nano_world.prompts import sample_creatures
-from .nano_world.renderer import render_batch
 
 GATE_PROMPT_SEED_OFFSET = 1_000   # gate prompts never coincide with prompts drawn from run.seed elsewhere
 RENDER_SEED_OFFSET = 500_000      # jitter seeds of the renderer reference, outside the teacher's training pool
@@ -26,17 +31,109 @@ MAIN, NOISE_FLOOR = 0, 1          # noise streams: the gate's seeds, and the oth
 @dataclass
 class GateSet:
     prompts: list[str]          # n_prompts entries
-    attributes: list[dict]      # ground truth per prompt (nano world)
+    attributes: Optional[list[dict]]  # ground truth per prompt (nano world); None in a real world
     image_prompt: list[int]     # prompt index of each image (n_prompts * seeds_per_prompt images)
     image_seed: list[int]       # seed index of each image within its prompt
+    ids: Optional[list[str]] = None         # prompt ids (real world: from the prompt files)
+    categories: Optional[list[str]] = None  # per prompt: the file's "category" field, else the file's name
+    sources: list[str] = field(default_factory=list)  # where the prompts came from
+
+
+def _images_of(n_prompts: int, k: int) -> tuple[list[int], list[int]]:
+    return [i for i in range(n_prompts) for _ in range(k)], [j for _ in range(n_prompts) for j in range(k)]
 
 
 def gate_set(params) -> GateSet:
+    """The gate's prompts and image layout. Nano presets: creatures drawn from run.seed; any other preset: the
+    evaluation prompt files (gate.prompts_file), never creatures."""
+    if params.model.preset != "nano":
+        return real_gate_set(params)
+    from .nano_world.prompts import sample_creatures
     creatures = sample_creatures(params.gate.n_prompts, seed=params.run.seed + GATE_PROMPT_SEED_OFFSET)
-    k = params.gate.seeds_per_prompt
+    image_prompt, image_seed = _images_of(len(creatures), params.gate.seeds_per_prompt)
     return GateSet(prompts=[c.prompt() for c in creatures], attributes=[c.to_dict() for c in creatures],
-                   image_prompt=[i for i in range(len(creatures)) for _ in range(k)],
-                   image_seed=[j for _ in creatures for j in range(k)])
+                   image_prompt=image_prompt, image_seed=image_seed,
+                   sources=[f"nano creature sampler (seed {params.run.seed + GATE_PROMPT_SEED_OFFSET})"])
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    id: str
+    prompt: str
+    category: str
+
+
+def normalized_prompt(text: str) -> str:
+    """What makes two prompts the same prompt: case, spacing and punctuation do not count."""
+    return " ".join(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def read_eval_prompts(paths) -> list[EvalPrompt]:
+    """Every prompt of the evaluation files, in file order. The files are a fixed protocol, so anything the cache's
+    reader would skip (an empty prompt) is an error here, as are per-prompt negatives (the gate samples every row
+    with sampler.negative_prompt) and ids repeated across files."""
+    from .cache import CacheError, read_prompts_jsonl
+    from .config import ConfigError
+    out, first_seen = [], {}
+    for path in paths:
+        try:
+            records, skipped = read_prompts_jsonl(path)
+        except CacheError as exc:  # a malformed line: the file is a parameter
+            raise ConfigError(f"gate.prompts_file: {exc}") from None
+        if skipped:
+            raise ConfigError(f"gate.prompts_file: {path}: {len(skipped)} unusable line(s), e.g. {skipped[0]}")
+        rows = {}
+        for line in path.read_bytes().split(b"\n"):
+            if line.strip():
+                row = json.loads(line)
+                rows[str(row["id"])] = row
+        for r in records:
+            if r.negative is not None:
+                raise ConfigError(f"gate.prompts_file: {path}:{r.line}: id {r.id!r} has a 'negative'; the gate samples "
+                                  f"every prompt with sampler.negative_prompt (remove it)")
+            if r.id in first_seen:
+                raise ConfigError(f"gate.prompts_file: id {r.id!r} is in {first_seen[r.id]} and in {path}")
+            first_seen[r.id] = path
+            category = rows[r.id].get("category", path.stem)
+            out.append(EvalPrompt(r.id, r.prompt, str(category)))
+    return out
+
+
+def _check_disjoint(params, prompts: list[EvalPrompt]) -> None:
+    """No evaluation prompt may be one the student was distilled on (cache.prompts_file)."""
+    if params.cache.prompts_file is None:
+        return
+    from .cache import read_prompts_jsonl
+    from .config import ConfigError, _resolve
+    training, _ = read_prompts_jsonl(_resolve(params.cache.prompts_file))
+    seen = {normalized_prompt(r.prompt): r.id for r in training}
+    shared = [f"{p.id} = {seen[normalized_prompt(p.prompt)]}" for p in prompts if normalized_prompt(p.prompt) in seen]
+    if shared:
+        raise ConfigError(f"gate.prompts_file and cache.prompts_file share {len(shared)} prompt(s) ({'; '.join(shared[:5])}): "
+                          f"the evaluation set must be disjoint from the training prompts")
+
+
+def select_evenly(n_available: int, n: int) -> list[int]:
+    """n indices spread evenly over n_available (all of them, in order, when n == n_available)."""
+    return [(i * n_available) // n for i in range(n)]
+
+
+def real_gate_set(params) -> GateSet:
+    from .config import ConfigError, gate_prompt_files
+    paths = gate_prompt_files(params)
+    if not paths:
+        raise ConfigError(f"{params.source}: gate.prompts_file is required with model.preset = "
+                          f"{params.model.preset!r} (the gate never draws nano creatures on a real model)")
+    prompts = read_eval_prompts(paths)
+    if params.gate.n_prompts > len(prompts):
+        raise ConfigError(f"{params.source}: gate.n_prompts = {params.gate.n_prompts} but gate.prompts_file holds "
+                          f"{len(prompts)} prompts")
+    _check_disjoint(params, prompts)
+    chosen = [prompts[i] for i in select_evenly(len(prompts), params.gate.n_prompts)]
+    image_prompt, image_seed = _images_of(len(chosen), params.gate.seeds_per_prompt)
+    return GateSet(prompts=[p.prompt for p in chosen], attributes=None, image_prompt=image_prompt,
+                   image_seed=image_seed, ids=[p.id for p in chosen], categories=[p.category for p in chosen],
+                   sources=[str(p) for p in paths])
 
 
 def gate_noise(params, latent_shape: tuple, gate: GateSet, stream: int = MAIN) -> torch.Tensor:
@@ -55,6 +152,9 @@ def render_reference(params, gate: GateSet, stream: int = MAIN, style: bool = Fa
     """Renderer images of the gate prompts (one jitter seed per gate seed): the absolute reference (`style`: in the
     renderer's style mode, the reference of a style LoRA)."""
     from .nano_world.prompts import Creature
+    from .nano_world.renderer import render_batch
+    if gate.attributes is None:
+        raise ValueError("render_reference: this gate set has no nano attributes (a real world has no renderer)")
     creatures = [Creature(**gate.attributes[p]) for p in gate.image_prompt]
     seeds = [RENDER_SEED_OFFSET + stream * 100_000 + p * 100 + s for p, s in zip(gate.image_prompt, gate.image_seed)]
     return render_batch(creatures, seeds, params.gate.image_size, style)

@@ -12,12 +12,15 @@ Nano backend (probe network, anima_lib.nano_world.probes):
   clean_rate      fraction of images read as clean creatures
 Uncertainty: a bootstrap over prompts (images of one prompt move together), reported as <metric>_ci = [lo, hi] (90%).
 
-Production backends, from local weights only (nothing is downloaded; absent weights -> MetricUnavailable, which the
-report prints as "not computed" with the reason, never replaced by another metric):
-  fid_inception   FID: torchmetrics FrechetInceptionDistance with torch-fidelity's InceptionV3 (the standard
-                  TF-ported pool3 2048-d features), weights from `gate.inception_weights`
-  clip_scores     CLIP score per image: 100 * max(cos(image, prompt), 0) with an open_clip model (`gate.clip_model`)
-                  from `gate.clip_checkpoint` (torchmetrics' CLIPScore definition)
+Production readers of the real evaluation world (anima_lib.worlds), from local weights only (nothing is downloaded;
+a real preset without them is a parameter error before any compute, see config). Every reader is a plain callable
+images -> features, so the metric arithmetic below is tested with small deterministic stand-ins:
+  InceptionFeatures  torch-fidelity's InceptionV3 pool3 (2048-d) exactly as torchmetrics' FrechetInceptionDistance
+                     builds it (`gate.inception_weights`); fid_from_features is torchmetrics' FID arithmetic
+  OpenClipEncoder    an open_clip model (`gate.clip_model`) from `gate.clip_checkpoint`: unit image / text embeddings
+  clip_score_per_image  100 * max(cos(image, its prompt), 0) (torchmetrics' CLIPScore definition)
+  cosine_diversity_per_prompt  mean pairwise cosine distance (1 - cos) between seeds of one prompt in CLIP image space
+  style_similarity   cosine of each image to the centroid of the style folder's images in CLIP image space
 """
 from __future__ import annotations
 
@@ -116,21 +119,71 @@ def score_images(reading: dict, attributes: list[dict], image_prompt: list[int])
 
 
 class MetricUnavailable(RuntimeError):
-    """A production metric's weights are not on this machine: the report says so instead of showing a number."""
+    """A production reader's weights are not on this machine (config refuses a real preset without them first)."""
 
 
 def _local_file(path, key: str) -> Path:
     if path is None:
-        raise MetricUnavailable(f"not computed: {key} is not set (a local weights file; nothing is downloaded)")
+        raise MetricUnavailable(f"{key} is not set (a local weights file; nothing is downloaded)")
     if not Path(path).is_file():
-        raise MetricUnavailable(f"not computed: {key} = {str(path)!r}: no such file")
+        raise MetricUnavailable(f"{key} = {str(path)!r}: no such file")
     return Path(path)
+
+
+def as_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images as they are; float images in [0,1] as torchmetrics' FID quantizes them (normalize=True)."""
+    return images if images.dtype == torch.uint8 else (images.float() * 255).byte()
+
+
+def as_float(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0,1] (uint8 / 255)."""
+    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
+
+
+def to_png_range(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0,1] -> uint8 rounded as a PNG stores them (a quarter of the memory of float32)."""
+    return images if images.dtype == torch.uint8 else (images.float().clamp(0, 1) * 255).round().byte()
+
+
+class InceptionFeatures:
+    """images [N,3,H,W] (float in [0,1] or uint8) -> [N, 2048] float64 pool3 features of torch-fidelity's InceptionV3,
+    built and fed exactly as torchmetrics' FrechetInceptionDistance(feature=2048, normalize=True) does."""
+
+    def __init__(self, weights_path, device="cpu", batch_size: int = 64):
+        from torchmetrics.image.fid import NoTrainInceptionV3
+        path = _local_file(weights_path, "gate.inception_weights")
+        self.model = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                        feature_extractor_weights_path=str(path)).to(device)
+        self.device, self.batch_size = device, batch_size
+        self.name = f"FID: torchmetrics InceptionV3 (torch-fidelity, pool3 2048-d) from {path}"
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        out = [self.model(as_uint8(images[i:i + self.batch_size]).to(self.device)).double().cpu()
+               for i in range(0, len(images), self.batch_size)]
+        return torch.cat(out)
+
+
+def fid_from_features(reference: torch.Tensor, features: torch.Tensor) -> float:
+    """FID between two feature sets with torchmetrics' arithmetic (float64 sums, unbiased covariances, eigvals)."""
+    from torchmetrics.image.fid import _compute_fid
+    if len(reference) < 2 or len(features) < 2:
+        raise ValueError("FID needs at least two images on each side")
+
+    def stats(f):
+        f = f.double()
+        mean = f.sum(0, keepdim=True) / len(f)
+        cov = (f.t().mm(f) - len(f) * mean.t().mm(mean)) / (len(f) - 1)
+        return mean.squeeze(0), cov
+
+    (mu1, sigma1), (mu2, sigma2) = stats(reference), stats(features)
+    return float(_compute_fid(mu1, sigma1, mu2, sigma2))
 
 
 def fid_inception(reference: torch.Tensor, image_sets: dict[str, torch.Tensor], weights_path,
                   batch_size: int = 64) -> dict[str, float]:
-    """FID of each image set against `reference` (images in [0,1], resized to 299 inside the metric) with the
-    standard InceptionV3; the reference's features are computed once."""
+    """FID of each image set against `reference` through torchmetrics' FrechetInceptionDistance module itself (the
+    cross-check of InceptionFeatures + fid_from_features, which the gate uses so each set is read once)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     path = _local_file(weights_path, "gate.inception_weights")
     metric = FrechetInceptionDistance(feature=2048, normalize=True, reset_real_features=False,
@@ -146,58 +199,74 @@ def fid_inception(reference: torch.Tensor, image_sets: dict[str, torch.Tensor], 
     return out
 
 
-class ClipScorer:
-    """An open_clip model from a local checkpoint; scores images against their prompts."""
+class OpenClipEncoder:
+    """An open_clip model from a local checkpoint: unit-norm image and text embeddings."""
 
-    def __init__(self, model_name: str, checkpoint):
+    def __init__(self, model_name: str, checkpoint, device="cpu", batch_size: int = 64):
         import open_clip
         path = _local_file(checkpoint, "gate.clip_checkpoint")
-        self.model = open_clip.create_model(model_name, pretrained=str(path)).eval()
+        self.model = open_clip.create_model(model_name, pretrained=str(path)).eval().to(device)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         cfg = open_clip.get_model_preprocess_cfg(self.model)
         size = cfg["size"]
         self.size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+        self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1).to(device)
+        self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1).to(device)
+        self.device, self.batch_size = device, batch_size
+        self.name = f"CLIP: open_clip {model_name} from {path}"
 
     @torch.no_grad()
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, e] unit embeddings of images [N,3,H,W] (float in [0,1] or uint8), bicubic-resized to the model's size."""
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            batch = as_float(images[start:start + self.batch_size]).to(self.device)
+            batch = F.interpolate(batch, size=self.size, mode="bicubic", align_corners=False).clamp(0, 1)
+            out.append(F.normalize(self.model.encode_image((batch - self.mean) / self.std).float(), dim=-1).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def texts(self, prompts: list[str]) -> torch.Tensor:
+        out = []
+        for start in range(0, len(prompts), self.batch_size):
+            tokens = self.tokenizer(prompts[start:start + self.batch_size]).to(self.device)
+            out.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu())
+        return torch.cat(out)
+
+
+def clip_score_per_image(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+    """[N] 100 * max(cos, 0) of each image with its own prompt (rows aligned)."""
+    cos = (F.normalize(image_embeddings.float(), dim=-1) * F.normalize(text_embeddings.float(), dim=-1)).sum(-1)
+    return 100 * cos.clamp(min=0)
+
+
+def cosine_diversity_per_prompt(embeddings: torch.Tensor, image_prompt: torch.Tensor) -> torch.Tensor:
+    """Per prompt (with 2+ images): mean pairwise cosine distance 1 - cos between its images' embeddings."""
+    unit = F.normalize(embeddings.float(), dim=-1)
+    values = []
+    for p in image_prompt.unique():
+        group = unit[image_prompt == p]
+        if len(group) > 1:
+            distance = 1 - group @ group.t()
+            values.append(distance.sum() / (len(group) * (len(group) - 1)))  # the diagonal is 0
+    return torch.stack(values)
+
+
+def style_similarity(image_embeddings: torch.Tensor, style_embeddings: torch.Tensor) -> torch.Tensor:
+    """[N] cosine of each image to the (unit) centroid of the style images' unit embeddings."""
+    centroid = F.normalize(F.normalize(style_embeddings.float(), dim=-1).mean(0), dim=0)
+    return F.normalize(image_embeddings.float(), dim=-1) @ centroid
+
+
+class ClipScorer:
+    """CLIP scores of images against their prompts with an OpenClipEncoder."""
+
+    def __init__(self, model_name: str, checkpoint, device="cpu"):
+        self.encoder = OpenClipEncoder(model_name, checkpoint, device)
+
     def scores(self, images: torch.Tensor, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
         """[N] CLIP scores, 100 * max(cos, 0), of images in [0,1] against their prompts (one prompt per image)."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        out = []
-        for start in range(0, len(images), batch_size):
-            batch = F.interpolate(images[start:start + batch_size].float(), size=self.size, mode="bicubic",
-                                  align_corners=False).clamp(0, 1)
-            image_features = F.normalize(self.model.encode_image((batch - self.mean) / self.std), dim=-1)
-            text_features = F.normalize(self.model.encode_text(self.tokenizer(prompts[start:start + batch_size])),
-                                        dim=-1)
-            out.append(100 * (image_features * text_features).sum(-1).clamp(min=0))
-        return torch.cat(out)
-
-
-def production_metrics(samples: dict[str, torch.Tensor], reference_row: str, prompts: list[str],
-                       image_prompt: list[int], inception_weights=None, clip_model: str = "ViT-B-32",
-                       clip_checkpoint=None) -> tuple[dict[str, dict], dict[str, str]]:
-    """Per row: fid_vs_<reference_row> and clip_score (+ CI over prompts) where the weights are present;
-    `status` says for each metric whether it was computed and why not."""
-    rows: dict[str, dict] = {row: {} for row in samples}
-    status = {}
-    try:
-        others = {row: images for row, images in samples.items() if row != reference_row}
-        for row, value in fid_inception(samples[reference_row], others, inception_weights).items():
-            rows[row]["fid_vs_reference"] = value
-        status["fid"] = f"computed (InceptionV3 from {inception_weights}), against {reference_row}"
-    except MetricUnavailable as missing:
-        status["fid"] = str(missing)
-    try:
-        scorer = ClipScorer(clip_model, clip_checkpoint)
-        prompt_ids = torch.tensor(image_prompt)
-        for row, images in samples.items():
-            per_image = scorer.scores(images, [prompts[p] for p in image_prompt])
-            rows[row]["clip_score"] = float(per_image.mean())
-            rows[row]["clip_score_ci"] = _bootstrap_ci(_per_prompt_means(per_image, prompt_ids))
-        status["clip_score"] = f"computed (open_clip {clip_model} from {clip_checkpoint})"
-    except MetricUnavailable as missing:
-        status["clip_score"] = str(missing)
-    return rows, status
+        self.encoder.batch_size = batch_size
+        return clip_score_per_image(self.encoder.images(images), self.encoder.texts(prompts))

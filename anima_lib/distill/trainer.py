@@ -36,7 +36,8 @@ from . import lcm, parallel, rcm
 METHODS = ("rcm", "scm", "lcm")
 PARALLEL = ("ddp", "fsdp")
 # change when training stops or how it is spread over devices, not what it learns
-RESUMABLE_CHANGES = ("iterations", "time_budget_s", "checkpoint_every", "parallel", "activation_checkpointing")
+RESUMABLE_CHANGES = ("iterations", "time_budget_s", "checkpoint_every", "parallel", "activation_checkpointing",
+                     "grad_accumulation")  # change when it stops or how it fits, not what is learned
 PARAM_NAMES = {  # DistillConfig field -> the parameter a user sets (for refusal messages)
     "batch_size": "distill.batch_size", "lr": "distill.lr", "fake_lr": "distill.fake_lr",
     "student_every": "distill.student_every", "ema_decay": "distill.ema_decay", "seed": "run.seed",
@@ -45,7 +46,7 @@ PARAM_NAMES = {  # DistillConfig field -> the parameter a user sets (for refusal
     "rcm.scm_weight": "distill.scm_weight", "rcm.dmd_weight": "distill.dmd_weight",
     "rcm.max_rollout": "distill.max_rollout", "rcm.sigma_max": "sampler.sigma_max", "lcm.shift": "sampler.shift",
     "rcm.tangent": "distill.tangent", "rcm.fd_delta": "distill.fd_delta", "parallel": "distill.parallel",
-    "activation_checkpointing": "distill.activation_checkpointing"}
+    "activation_checkpointing": "distill.activation_checkpointing", "grad_accumulation": "distill.grad_accumulation"}
 
 
 JVP_WITH_FSDP = ("distill.parallel = fsdp cannot take the jvp tangent (forward-mode AD does not pass through "
@@ -74,6 +75,7 @@ class DistillConfig:
     net_dtype: str = "float32"
     parallel: str = "ddp"             # ddp | fsdp (under torchrun with more than one process; see parallel.py)
     activation_checkpointing: bool = False   # recompute transformer blocks in backward (never inside a JVP)
+    grad_accumulation: int = 1        # passes per optimizer step, each over 1/N of this rank's rows
     rcm: rcm.RCMConfig = field(default_factory=rcm.RCMConfig)
     lcm: lcm.LCMConfig = field(default_factory=lcm.LCMConfig)
 
@@ -111,6 +113,18 @@ class DistillState:
     history: list = field(default_factory=list)   # one dict per iteration: kind, loss terms, grad norm
 
 
+def _rows(value, rows: slice):
+    """`value` restricted to a slice of the batch's rows: tensors, lists of them, dicts of them (None and plain
+    values pass through)."""
+    if torch.is_tensor(value):
+        return value[rows]
+    if isinstance(value, list):
+        return [_rows(v, rows) for v in value]
+    if isinstance(value, dict):
+        return {k: _rows(v, rows) for k, v in value.items()}
+    return value
+
+
 def _velocity(call: ModuleCall, module: torch.nn.Module):
     return lambda x, s, context: call(module, x, s, context)
 
@@ -144,6 +158,10 @@ class Distiller:
         self.fake = copy.deepcopy(student) if cfg.uses_critic else None       # fake score starts as the teacher
         self.target = copy.deepcopy(student).requires_grad_(False) if cfg.method == "lcm" else None
         self.sharded = cfg.parallel == "fsdp" and world_size > 1   # one process has nothing to shard
+        if cfg.grad_accumulation > 1 and cfg.batch_size % (world_size * cfg.grad_accumulation):
+            raise ValueError(f"distill.batch_size = {cfg.batch_size} must split evenly into {world_size} rank(s) x "
+                             f"distill.grad_accumulation = {cfg.grad_accumulation} passes (every rank runs the same "
+                             f"passes)")
         self._prepare_networks()
         named = dict(self.student.named_parameters())
         self.ema = EMA(named, cfg.ema_decay)
@@ -211,44 +229,68 @@ class Distiller:
     def _kept_iteration(self):
         return json.loads((self.dir / "last" / "state.json").read_text())["iteration"]
 
-    def _student_step(self, batch: dict) -> dict:
+    def _micro_batches(self, rows: int) -> list[slice]:
+        """This rank's rows as `grad_accumulation` equal slices: the losses are sums, so the gradients of the slices
+        add up to the whole batch's (how a global batch of 512 fits: ranks x rows per pass x accumulation)."""
+        size = rows // self.cfg.grad_accumulation
+        return [slice(k * size, (k + 1) * size) for k in range(self.cfg.grad_accumulation)]
+
+    def _student_draws(self, x0: torch.Tensor) -> dict:
+        """Every random draw of a student step, in the generator's order (accumulation never changes the stream)."""
         cfg, r = self.cfg, self.cfg.rcm
-        x0, context = batch["x0"].double(), batch["context"]
-        teacher = self._guided_teacher(batch.get("negative"))
-        student_fn = _velocity(self.call, self.student)
-        terms, info = {}, {}
         if cfg.method == "lcm":
-            target_fn = _velocity(self.call, self.target)
             grid_index = self._local(torch.randint(cfg.lcm.grid_steps, (cfg.batch_size,), generator=self.generator))
-            loss = lcm.lcm_loss(student_fn, target_fn, teacher, x0.float(), self._randn_like(x0).float(), context,
-                                grid_index, cfg.lcm)
-            terms["lcm"] = loss
-            total = loss
-        else:
-            t = self._times(r.p_g_mean, r.p_g_std)
-            noise = self._randn_like(x0)
-            x_t = rcm._col(torch.cos(t), x0) * x0 + rcm._col(torch.sin(t), x0) * noise
-            warmup = 1.0 if r.tangent_warmup == 0 else min(1.0, self.state.student_steps / r.tangent_warmup)
-            tangent = rcm.scm_tangent(student_fn, teacher, x_t, t, context, warmup, r.tangent_norm, self.net_dtype,
-                                      r.tangent, r.fd_delta)
-            terms["scm"] = rcm.scm_loss(student_fn, x_t, t, context, tangent["g_hat"], self.net_dtype)
-            info["g_norm"] = float(tangent["g_norm"].mean())
-            total = r.scm_weight * terms["scm"]
-            if cfg.uses_critic and self.state.student_steps >= r.tangent_warmup:
-                steps = self.state.student_steps % r.max_rollout + 1    # cycles 1..4 as rCM's code does
-                times = self._rollout_times(steps)
-                noises = [self._randn_like(x0) for _ in times]
-                x0_hat = rcm.student_rollout(student_fn, noises, times, context, grad_last=True,
-                                             net_dtype=self.net_dtype)
-                t_d = self._times(r.p_d_mean, r.p_d_std)
-                terms["dmd"], dmd_info = rcm.dmd_loss(x0_hat, t_d, self._randn_like(x0),
-                                                      _velocity(self.call, self.fake), teacher, context,
-                                                      self.net_dtype)
-                info.update(dmd_info, rollout_steps=steps)
-                total = total + r.dmd_weight * terms["dmd"]
-        values = self._check({k: float(v.detach()) for k, v in terms.items()})
+            return {"grid_index": grid_index, "noise": self._randn_like(x0).float()}
+        draws = {"t": self._times(r.p_g_mean, r.p_g_std), "noise": self._randn_like(x0)}
+        if cfg.uses_critic and self.state.student_steps >= r.tangent_warmup:
+            draws["rollout_steps"] = self.state.student_steps % r.max_rollout + 1    # cycles 1..4 as rCM's code does
+            draws["rollout_times"] = self._rollout_times(draws["rollout_steps"])
+            draws["rollout_noises"] = [self._randn_like(x0) for _ in draws["rollout_times"]]
+            draws["t_d"] = self._times(r.p_d_mean, r.p_d_std)
+            draws["dmd_noise"] = self._randn_like(x0)
+        return draws
+
+    def _student_losses(self, x0, context, negative, draws: dict) -> tuple[dict, dict, torch.Tensor]:
+        """Loss terms, diagnostics and the weighted total of one (micro-)batch of rows."""
+        cfg, r = self.cfg, self.cfg.rcm
+        teacher = self._guided_teacher(negative)
+        student_fn = _velocity(self.call, self.student)
+        if cfg.method == "lcm":
+            loss = lcm.lcm_loss(student_fn, _velocity(self.call, self.target), teacher, x0.float(), draws["noise"],
+                                context, draws["grid_index"], cfg.lcm)
+            return {"lcm": loss}, {}, loss
+        t, noise = draws["t"], draws["noise"]
+        x_t = rcm._col(torch.cos(t), x0) * x0 + rcm._col(torch.sin(t), x0) * noise
+        warmup = 1.0 if r.tangent_warmup == 0 else min(1.0, self.state.student_steps / r.tangent_warmup)
+        tangent = rcm.scm_tangent(student_fn, teacher, x_t, t, context, warmup, r.tangent_norm, self.net_dtype,
+                                  r.tangent, r.fd_delta)
+        terms = {"scm": rcm.scm_loss(student_fn, x_t, t, context, tangent["g_hat"], self.net_dtype)}
+        info = {"g_norm": float(tangent["g_norm"].mean())}
+        total = r.scm_weight * terms["scm"]
+        if "t_d" in draws:
+            x0_hat = rcm.student_rollout(student_fn, draws["rollout_noises"], draws["rollout_times"], context,
+                                         grad_last=True, net_dtype=self.net_dtype)
+            terms["dmd"], dmd_info = rcm.dmd_loss(x0_hat, draws["t_d"], draws["dmd_noise"],
+                                                  _velocity(self.call, self.fake), teacher, context, self.net_dtype)
+            info.update(dmd_info, rollout_steps=draws["rollout_steps"])
+            total = total + r.dmd_weight * terms["dmd"]
+        return terms, info, total
+
+    def _student_step(self, batch: dict) -> dict:
+        cfg = self.cfg
+        x0, context, negative = batch["x0"].double(), batch["context"], batch.get("negative")
+        draws = self._student_draws(x0)
+        values, info = {}, {}
         self.opt.zero_grad(set_to_none=True)
-        total.backward()
+        for rows in self._micro_batches(len(x0)):
+            terms, micro_info, total = self._student_losses(x0[rows], _rows(context, rows), negative,
+                                                            _rows(draws, rows))
+            for name, value in self._check({k: float(v.detach()) for k, v in terms.items()}).items():
+                values[name] = values.get(name, 0.0) + value   # sums over the slices = the batch's sum
+            for name, value in micro_info.items():
+                info.setdefault(name, []).append(value)
+            total.backward()
+        info = {k: v[0] if k == "rollout_steps" else sum(v) / len(v) for k, v in info.items()}
         params = list(self.student.parameters())
         if self.world_size > 1 and not self.sharded:   # FSDP reduce-scattered them in backward
             _all_reduce_grads(params)
@@ -270,17 +312,20 @@ class Distiller:
         r = self.cfg.rcm
         x0, context = batch["x0"], batch["context"]
         steps = self.fake_steps % r.max_rollout + 1
-        with torch.no_grad():
-            times = self._rollout_times(steps)
-            noises = [self._randn_like(x0) for _ in times]
-            x0_hat = rcm.student_rollout(_velocity(self.call, self.student), noises, times, context, grad_last=False,
-                                         net_dtype=self.net_dtype)
-        t = self._times(r.p_d_mean, r.p_d_std)
-        loss = rcm.critic_loss(_velocity(self.call, self.fake), x0_hat, t, self._randn_like(x0), context,
-                               self.net_dtype)
-        critic_value = self._check({"critic": float(loss.detach())})["critic"]
+        times = self._rollout_times(steps)    # every draw first, in the generator's order
+        noises = [self._randn_like(x0) for _ in times]
+        t, noise = self._times(r.p_d_mean, r.p_d_std), self._randn_like(x0)
+        critic_value = 0.0
         self.fake_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for rows in self._micro_batches(len(x0)):
+            with torch.no_grad():
+                x0_hat = rcm.student_rollout(_velocity(self.call, self.student), _rows(noises, rows),
+                                             _rows(times, rows), _rows(context, rows), grad_last=False,
+                                             net_dtype=self.net_dtype)
+            loss = rcm.critic_loss(_velocity(self.call, self.fake), x0_hat, t[rows], noise[rows],
+                                   _rows(context, rows), self.net_dtype)
+            critic_value += self._check({"critic": float(loss.detach())})["critic"]
+            loss.backward()
         params = list(self.fake.parameters())
         if self.world_size > 1 and not self.sharded:
             _all_reduce_grads(params)

@@ -1,0 +1,366 @@
+"""Evaluation worlds (DESIGN §7): one gate harness, two worlds. A world is prompts + reference + readers.
+
+|            | nano                                             | real (any preset but nano)                          |
+|------------|--------------------------------------------------|-----------------------------------------------------|
+| prompts    | creature sampler (ground-truth attributes)       | gate.prompts_file (disjoint from cache.prompts_file) |
+| reference  | renderer images; teacher@T on other seeds        | teacher@T with CFG on other seeds (the noise floor) |
+| readers    | the shipped probe                                | InceptionV3 FID, open_clip CLIP: local weights      |
+
+Both worlds score the same rows (samples aligned with gate.image_prompt / image_seed) against the same reference
+stream, so a row's number means the same thing in both: distance to teacher@T samples the row never shared noise with,
+and on teacher@T itself that distance is the noise floor.
+
+Rows of the real world (metric names are stable; metrics.json and the index read them):
+  fid_vs_teacher        FID (InceptionV3 pool3, torchmetrics' arithmetic) to teacher@T with CFG on other seeds;
+                        on teacher@T itself: the noise floor
+  clip_score (+ _ci, + clip_score_<category>)  100 * max(cos(image, prompt), 0), open_clip; CI over prompts
+  diversity_clip (+ _ci)  mean pairwise cosine distance between seeds of one prompt in CLIP image space
+  style_clip (+ _ci)    (rows scored with style=True: LoRA comparisons) cosine to the style folder's CLIP centroid
+  rmse_to_reference     RMSE in [0,1] pixels to the reference row's image with the same prompt and seed
+  n_images
+Nano rows are exactly anima_lib.gate.score_rows' (alignment, fd_probe, fd_probe_vs_teacher, ...), unchanged.
+
+Nothing here imports the nano renderer or probe unless a nano world is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import gate, metrics
+
+NANO, REAL = "nano", "real"
+
+# Real-world gate targets. Provisional (research/evaluation-and-reports.md §3.1): calibrate on the first two runs and
+# say so in the commit that changes them; they are never lowered to make a run pass.
+REAL_TARGETS = {
+    "teacher1_fid_over_floor": 1.5,      # the harness can tell teacher@1 from the reference (fid > 1.5 x floor)
+    "student1_fid_over_teacher1": 0.5,   # student@1 fid_vs_teacher <= 0.5 x teacher@1's (as nano's fd_probe check)
+    "student4_fid_over_floor": 2.0,      # student@4 fid_vs_teacher <= 2 x the noise floor
+    "clip_drop_1": 1.0,                  # student@1 clip_score >= reference - 1.0 (x100 scale)
+    "clip_drop_4": 0.5,                  # student@4 clip_score >= reference - 0.5
+    "diversity_ratio_1": 0.7,            # student@1 diversity_clip >= 0.7 x reference (as nano)
+    "speedup_1": 10.0,                   # student@1 >= 10x teacher@T images/s (VAE decode at 1024² caps the ratio)
+    "quant_fid_ratio": 1.10,             # quantized fid_vs_teacher within 10% of full precision
+    "quant_clip_drop": 0.5,              # quantized clip_score within 0.5 of full precision
+}
+
+
+def world_kind(params) -> str:
+    return NANO if params.model.preset == "nano" else REAL
+
+
+@dataclass
+class RealReaders:
+    """The real world's readers: plain callables, so tests pass small deterministic stand-ins."""
+    inception: Callable[[torch.Tensor], torch.Tensor]   # images [N,3,H,W] (float [0,1] or uint8) -> [N, d]
+    clip_image: Callable[[torch.Tensor], torch.Tensor]  # images -> [N, e] embeddings
+    clip_text: Callable[[list[str]], torch.Tensor]      # prompts -> [N, e] embeddings
+    names: dict[str, str] = field(default_factory=dict)  # what each reader is, named in every table
+
+
+def production_readers(params) -> RealReaders:
+    """What a real preset wires in: torchmetrics' InceptionV3 from gate.inception_weights and open_clip
+    gate.clip_model from gate.clip_checkpoint, on run.device."""
+    device = params.run.device
+    inception = metrics.InceptionFeatures(_resolved(params.gate.inception_weights), device)
+    clip = metrics.OpenClipEncoder(params.gate.clip_model, _resolved(params.gate.clip_checkpoint), device)
+    return RealReaders(inception=inception, clip_image=clip.images, clip_text=clip.texts,
+                       names={"fid": inception.name, "clip": clip.name})
+
+
+def _resolved(path):
+    from .config import _resolve
+    return None if path is None else _resolve(path)
+
+
+def load_world(params, readers: Optional[RealReaders] = None, probe=None):
+    """The evaluation world of a preset (its prompts are read, its readers' weights loaded, before any sampling)."""
+    if world_kind(params) == NANO:
+        if probe is None:
+            from .nano_world.probes import load_probe
+            probe = load_probe()
+        return NanoWorld(params, gate.gate_set(params), probe)
+    gate_set = gate.gate_set(params)
+    return RealWorld(params, gate_set, readers if readers is not None else production_readers(params))
+
+
+class NanoWorld:
+    """Creature prompts, renderer images, the probe: exactly the numbers gate.score_rows has always computed."""
+    kind = NANO
+    table_columns = ["alignment", "alignment_ci", "diversity", "fd_probe", "fd_probe_vs_teacher", "rmse_to_reference",
+                     "clean_rate", "n_images"]
+    plot_metrics = ("alignment", "fd_probe")
+
+    def __init__(self, params, gate_set: gate.GateSet, probe):
+        self.params, self.gate, self.probe = params, gate_set, probe
+        self._renders: dict[tuple[int, bool], torch.Tensor] = {}
+
+    def describe(self) -> dict:
+        return {"world": NANO, "prompts": self.gate.sources, "reference": "renderer images; teacher@"
+                f"{self.params.sampler.teacher_steps} with CFG on other seeds (noise floor)",
+                "readers": "nano probe (shipped): alignment, fd_probe, diversity, style_score"}
+
+    def backend(self) -> str:
+        return "nano probe"
+
+    def keep(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def renders(self, stream: int = gate.MAIN, style: bool = False) -> torch.Tensor:
+        key = (stream, style)
+        if key not in self._renders:
+            self._renders[key] = gate.render_reference(self.params, self.gate, stream=stream, style=style)
+        return self._renders[key]
+
+    def reference_images(self, style: bool = False) -> Optional[torch.Tensor]:
+        """The absolute reference shown above the grid (renders of the gate prompts)."""
+        return self.renders(gate.MAIN, style)
+
+    def score_rows(self, samples: dict[str, torch.Tensor], reference_row: str, noise_floor: torch.Tensor,
+                   style: bool = False) -> dict[str, dict]:
+        return gate.score_rows(samples, reference_row, noise_floor, self.renders(gate.MAIN, style),
+                               self.renders(gate.NOISE_FLOOR, style), self.gate, self.probe)
+
+    def labels(self, image_indices: list[int]) -> list[str]:
+        return [self.gate.prompts[self.gate.image_prompt[i]].replace(" creature", "").replace("with ", "")
+                .replace(" background", "")[:30] for i in image_indices]
+
+    def detail_table(self, rows: dict[str, dict]) -> tuple[str, dict]:
+        attributes = [k for k in rows["renderer"] if k.startswith("alignment_") and k != "alignment_ci"]
+        return "Per attribute", {r: {a.removeprefix("alignment_"): v[a] for a in attributes} for r, v in rows.items()}
+
+    def plot_title(self, rows: dict[str, dict], metric: str) -> str:
+        return f"{metric} vs steps (renderer: {rows['renderer'][metric]:.3g})"
+
+    def verdict(self, rows: dict[str, dict], images_per_s: dict[str, float], reference_row: str
+                ) -> tuple[dict[str, bool], str, dict]:
+        """The nano gate's checks (issues 3 and 5), verdict line and headline numbers."""
+        params = self.params
+        ref = rows[reference_row]
+        attributes = [k for k in rows["renderer"] if k.startswith("alignment_") and k != "alignment_ci"]
+        worst_attribute = min(attributes, key=lambda a: ref[a])
+        one_step = rows.get("teacher@1")
+        fd_ratio = one_step["fd_probe"] / ref["fd_probe"] if one_step else float("nan")
+        checks = {
+            f"{reference_row} alignment ≥ 0.85": ref["alignment"] >= 0.85,
+            f"every attribute ≥ 0.93 (worst: {worst_attribute.removeprefix('alignment_')} {ref[worst_attribute]:.3f})":
+                ref[worst_attribute] >= 0.93,
+            "diversity ≥ 0.25 × renderer": ref["diversity"] >= 0.25 * rows["renderer"]["diversity"],
+        }
+        if one_step:
+            checks[f"teacher@1 worse than {reference_row} (fd_probe ×{fd_ratio:.2f}, alignment "
+                   f"{one_step['alignment']:.3f} vs {ref['alignment']:.3f})"] = (
+                fd_ratio > 1.5 and one_step["alignment"] < ref["alignment"])
+        student_checks = {}
+        if "student@1" in rows:
+            s1, t1 = rows["student@1"], rows.get("teacher@1")
+            student_checks[f"student@1 alignment ≥ 0.90 × reference ({s1['alignment']:.3f} vs "
+                           f"{ref['alignment']:.3f})"] = s1["alignment"] >= 0.90 * ref["alignment"]
+            student_checks[f"student@1 diversity ≥ 0.7 × reference ({s1['diversity']:.2f} vs "
+                           f"{ref['diversity']:.2f})"] = s1["diversity"] >= 0.7 * ref["diversity"]
+            if t1:
+                student_checks[f"student@1 fd_probe_vs_teacher ≤ 0.5 × teacher@1's ({s1['fd_probe_vs_teacher']:.2f} vs "
+                               f"{t1['fd_probe_vs_teacher']:.2f})"] = (
+                    s1["fd_probe_vs_teacher"] <= 0.5 * t1["fd_probe_vs_teacher"])
+            for other in ("student_scm@1", "student_lcm@1"):
+                if other in rows:
+                    student_checks[f"rCM beats {other.split('@')[0]} at 1 step on fd_probe_vs_teacher "
+                                   f"({s1['fd_probe_vs_teacher']:.2f} vs {rows[other]['fd_probe_vs_teacher']:.2f})"] = (
+                        s1["fd_probe_vs_teacher"] < rows[other]["fd_probe_vs_teacher"])
+            speedup = images_per_s["student@1"] / images_per_s[reference_row]
+            student_checks[f"student@1 ≥ 25× faster than {reference_row} (×{speedup:.0f} in images/s)"] = speedup >= 25
+        if "student@4" in rows:
+            student_checks[f"student@4 alignment ≥ 0.97 × reference ({rows['student@4']['alignment']:.3f})"] = (
+                rows["student@4"]["alignment"] >= 0.97 * ref["alignment"])
+        quant_row = f"student_q{params.quant.bits}"
+        for steps in sorted(params.gate.student_steps):
+            fp, qz = rows.get(f"student@{steps}"), rows.get(f"{quant_row}@{steps}")
+            if fp and qz:
+                student_checks[f"{quant_row}@{steps} alignment within 0.01 of full precision ({qz['alignment']:.3f} vs "
+                               f"{fp['alignment']:.3f})"] = abs(qz["alignment"] - fp["alignment"]) <= 0.01
+                student_checks[f"{quant_row}@{steps} fd_probe_vs_teacher within 10% of full precision "
+                               f"({qz['fd_probe_vs_teacher']:.2f} vs {fp['fd_probe_vs_teacher']:.2f})"] = (
+                    qz["fd_probe_vs_teacher"] <= 1.10 * fp["fd_probe_vs_teacher"])
+        checks.update(student_checks)
+        passed = all(checks.values())
+        verdict = (f"{reference_row}: alignment {ref['alignment']:.3f}, worst attribute "
+                   f"{worst_attribute.removeprefix('alignment_')} {ref[worst_attribute]:.3f}, diversity "
+                   f"{ref['diversity']:.2f}, noise floor fd_probe_vs_teacher {ref['fd_probe_vs_teacher']:.2f}; "
+                   f"teacher@1 fd_probe ×{fd_ratio:.1f}"
+                   + ("" if "student@1" not in rows else
+                      f"; student@1 alignment {rows['student@1']['alignment']:.3f}, fd_probe_vs_teacher "
+                      f"{rows['student@1']['fd_probe_vs_teacher']:.2f} (teacher@1 "
+                      f"{rows.get('teacher@1', {}).get('fd_probe_vs_teacher', float('nan')):.2f})")
+                   + ("" if passed else " — FAILED: " + "; ".join(k for k, ok in checks.items() if not ok)))
+        headline = ({f"{r}.alignment": rows[r]["alignment"]
+                     for r in (reference_row, "teacher@1", "student@1", "student@4") if r in rows}
+                    | {"fd_probe_ratio@1": fd_ratio})
+        return checks, verdict, headline
+
+
+class RealWorld:
+    """The evaluation prompt files, teacher@T with CFG as the reference, readers from local weights."""
+    kind = REAL
+    table_columns = ["fid_vs_teacher", "clip_score", "clip_score_ci", "diversity_clip", "diversity_clip_ci",
+                     "style_clip", "rmse_to_reference", "n_images"]
+    plot_metrics = ("clip_score", "fid_vs_teacher")
+
+    def __init__(self, params, gate_set: gate.GateSet, readers: RealReaders):
+        self.params, self.gate, self.readers = params, gate_set, readers
+        self._style_embeddings: Optional[torch.Tensor] = None
+
+    def describe(self) -> dict:
+        return {"world": REAL, "prompts": self.gate.sources, "n_prompts": len(self.gate.prompts),
+                "reference": f"teacher@{self.params.sampler.teacher_steps} with CFG "
+                             f"{self.params.sampler.guidance_scale} on other seeds (on the teacher row: noise floor)",
+                "readers": dict(self.readers.names), "style_folder": self.params.lora.style_folder}
+
+    def backend(self) -> str:
+        return "; ".join(self.readers.names.values()) or "real-world readers"
+
+    def keep(self, images: torch.Tensor) -> torch.Tensor:
+        """Samples are held as uint8 (PNG values): a 1024² row of 880 images is 2.8 GB instead of 11 GB."""
+        return metrics.to_png_range(images)
+
+    def reference_images(self, style: bool = False) -> Optional[torch.Tensor]:
+        return None  # no ground truth above the teacher
+
+    def style_embeddings(self) -> torch.Tensor:
+        """CLIP image embeddings of the style folder's images (lora.style_folder), read once."""
+        if self._style_embeddings is None:
+            folder = self.params.lora.style_folder
+            if folder is None:
+                raise ValueError("style similarity needs lora.style_folder (the studio's style images) on a real "
+                                 "preset; the nano renderer's style mode is not a reference for a real model")
+            self._style_embeddings = self.readers.clip_image(load_style_images(_resolved(folder)))
+        return self._style_embeddings
+
+    def score_rows(self, samples: dict[str, torch.Tensor], reference_row: str, noise_floor: torch.Tensor,
+                   style: bool = False) -> dict[str, dict]:
+        """Every row against teacher@T on other seeds (`noise_floor`), each image set read once per reader."""
+        prompt_ids = torch.tensor(self.gate.image_prompt)
+        text = self.readers.clip_text(self.gate.prompts)[prompt_ids]
+        reference_features = self.readers.inception(noise_floor)
+        style_embeddings = self.style_embeddings() if style else None
+        categories = self.gate.categories or []
+        in_category = {c: torch.tensor([categories[p] == c for p in self.gate.image_prompt]) for c in sorted(set(categories))}
+        reference = metrics.as_float(samples[reference_row])
+        rows = {}
+        for row, images in samples.items():
+            embeddings = self.readers.clip_image(images)
+            scores: dict = {"fid_vs_teacher": metrics.fid_from_features(reference_features,
+                                                                       self.readers.inception(images))}
+            clip = metrics.clip_score_per_image(embeddings, text)
+            scores["clip_score"] = float(clip.mean())
+            scores["clip_score_ci"] = metrics._bootstrap_ci(metrics._per_prompt_means(clip, prompt_ids))
+            for category, mask in in_category.items():
+                scores[f"clip_score_{category}"] = float(clip[mask].mean())
+            diversity = metrics.cosine_diversity_per_prompt(embeddings, prompt_ids)
+            scores["diversity_clip"] = float(diversity.mean())
+            scores["diversity_clip_ci"] = metrics._bootstrap_ci(diversity)
+            if style_embeddings is not None:
+                similarity = metrics.style_similarity(embeddings, style_embeddings)
+                scores["style_clip"] = float(similarity.mean())
+                scores["style_clip_ci"] = metrics._bootstrap_ci(metrics._per_prompt_means(similarity, prompt_ids))
+            scores["rmse_to_reference"] = gate.rmse_to_reference(metrics.as_float(images), reference)
+            scores["n_images"] = len(self.gate.image_prompt)
+            rows[row] = scores
+        return rows
+
+    def labels(self, image_indices: list[int]) -> list[str]:
+        return [self.gate.prompts[self.gate.image_prompt[i]][:30] for i in image_indices]
+
+    def detail_table(self, rows: dict[str, dict]) -> tuple[str, dict]:
+        keys = sorted({k for v in rows.values() for k in v if k.startswith("clip_score_") and k != "clip_score_ci"})
+        return "CLIP score per category", {r: {k.removeprefix("clip_score_"): v[k] for k in keys} for r, v in rows.items()}
+
+    def plot_title(self, rows: dict[str, dict], metric: str) -> str:
+        reference_row = f"teacher@{self.params.sampler.teacher_steps}"
+        if metric == "fid_vs_teacher" and reference_row in rows:
+            return f"{metric} vs steps (noise floor: {rows[reference_row][metric]:.3g})"
+        return f"{metric} vs steps"
+
+    def verdict(self, rows: dict[str, dict], images_per_s: dict[str, float], reference_row: str
+                ) -> tuple[dict[str, bool], str, dict]:
+        """The real gate's checks (targets in REAL_TARGETS, provisional), verdict line and headline numbers."""
+        T = REAL_TARGETS
+        ref = rows[reference_row]
+        floor = ref["fid_vs_teacher"]
+        checks: dict[str, bool] = {}
+        t1 = rows.get("teacher@1")
+        if t1:
+            checks[f"teacher@1 worse than {reference_row} (fid_vs_teacher {t1['fid_vs_teacher']:.2f} vs noise floor "
+                   f"{floor:.2f}, > {T['teacher1_fid_over_floor']}×)"] = (
+                t1["fid_vs_teacher"] > T["teacher1_fid_over_floor"] * floor)
+        s1, s4 = rows.get("student@1"), rows.get("student@4")
+        if s1:
+            if t1:
+                checks[f"student@1 fid_vs_teacher ≤ {T['student1_fid_over_teacher1']} × teacher@1's "
+                       f"({s1['fid_vs_teacher']:.2f} vs {t1['fid_vs_teacher']:.2f})"] = (
+                    s1["fid_vs_teacher"] <= T["student1_fid_over_teacher1"] * t1["fid_vs_teacher"])
+            checks[f"student@1 clip_score ≥ reference − {T['clip_drop_1']} ({s1['clip_score']:.2f} vs "
+                   f"{ref['clip_score']:.2f})"] = s1["clip_score"] >= ref["clip_score"] - T["clip_drop_1"]
+            checks[f"student@1 diversity_clip ≥ {T['diversity_ratio_1']} × reference ({s1['diversity_clip']:.3f} vs "
+                   f"{ref['diversity_clip']:.3f})"] = s1["diversity_clip"] >= T["diversity_ratio_1"] * ref["diversity_clip"]
+            for other in ("student_scm@1", "student_lcm@1"):
+                if other in rows:
+                    checks[f"rCM beats {other.split('@')[0]} at 1 step on fid_vs_teacher ({s1['fid_vs_teacher']:.2f} "
+                           f"vs {rows[other]['fid_vs_teacher']:.2f})"] = (
+                        s1["fid_vs_teacher"] < rows[other]["fid_vs_teacher"])
+            if "student@1" in images_per_s and reference_row in images_per_s:
+                speedup = images_per_s["student@1"] / images_per_s[reference_row]
+                checks[f"student@1 ≥ {T['speedup_1']:g}× faster than {reference_row} (×{speedup:.1f} in images/s)"] = (
+                    speedup >= T["speedup_1"])
+        if s4:
+            checks[f"student@4 fid_vs_teacher ≤ {T['student4_fid_over_floor']} × noise floor "
+                   f"({s4['fid_vs_teacher']:.2f} vs {floor:.2f})"] = (
+                s4["fid_vs_teacher"] <= T["student4_fid_over_floor"] * floor)
+            checks[f"student@4 clip_score ≥ reference − {T['clip_drop_4']} ({s4['clip_score']:.2f} vs "
+                   f"{ref['clip_score']:.2f})"] = s4["clip_score"] >= ref["clip_score"] - T["clip_drop_4"]
+        quant_row = f"student_q{self.params.quant.bits}"
+        for steps in sorted(self.params.gate.student_steps):
+            fp, qz = rows.get(f"student@{steps}"), rows.get(f"{quant_row}@{steps}")
+            if fp and qz:
+                checks[f"{quant_row}@{steps} fid_vs_teacher within 10% of full precision ({qz['fid_vs_teacher']:.2f} "
+                       f"vs {fp['fid_vs_teacher']:.2f})"] = qz["fid_vs_teacher"] <= T["quant_fid_ratio"] * fp["fid_vs_teacher"]
+                checks[f"{quant_row}@{steps} clip_score within {T['quant_clip_drop']} of full precision "
+                       f"({qz['clip_score']:.2f} vs {fp['clip_score']:.2f})"] = (
+                    qz["clip_score"] >= fp["clip_score"] - T["quant_clip_drop"])
+        passed = all(checks.values())
+        verdict = (f"{reference_row}: clip_score {ref['clip_score']:.2f}, diversity_clip {ref['diversity_clip']:.3f}, "
+                   f"noise floor fid_vs_teacher {floor:.2f}"
+                   + ("" if not t1 else f"; teacher@1 fid_vs_teacher {t1['fid_vs_teacher']:.2f}")
+                   + ("" if not s1 else f"; student@1 fid_vs_teacher {s1['fid_vs_teacher']:.2f}, clip_score "
+                                        f"{s1['clip_score']:.2f}")
+                   + ("" if passed else " — FAILED: " + "; ".join(k for k, ok in checks.items() if not ok)))
+        headline = ({f"{r}.clip_score": rows[r]["clip_score"] for r in (reference_row, "teacher@1", "student@1",
+                                                                        "student@4") if r in rows}
+                    | {f"{r}.fid_vs_teacher": rows[r]["fid_vs_teacher"] for r in (reference_row, "student@1", "student@4")
+                       if r in rows})
+        return checks, verdict, headline
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def load_style_images(folder: Path, size: int = 256) -> torch.Tensor:
+    """uint8 [N,3,size,size]: the style folder's images (any size: centre-cropped square, bicubic-resized), the
+    reference of style_clip. Captions are not needed here."""
+    import numpy as np
+    from PIL import Image
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) for the style reference")
+    images = []
+    for path in paths:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            side = min(img.size)
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+            img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+            images.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    return torch.stack(images)
