@@ -274,6 +274,9 @@ class DistillParams:
                                            "are sums, so the step is the whole batch's): global batch = batch_size = "
                                            "ranks x rows per pass x N; must divide batch_size / ranks",
                                    check=_positive, bounds=(1, 1024))
+    snapshot_every: int = _spec(0, help="iterations between ema_<iteration>.safetensors snapshots (0: with every "
+                                        "checkpoint; a 2B snapshot is 7.8 GB)", bounds=(0, MAX_STEPS))
+    keep_snapshots: int = _spec(0, help="keep only the newest N snapshots (0: all)", bounds=(0, 100_000))
 
     def __post_init__(self):
         if self.parallel == "fsdp" and self.tangent == "jvp":  # a cross-key rule: checked when the section is built
@@ -333,6 +336,9 @@ class DeturboParams:
                                  check=_positive, bounds=(1, 1_000_000))
     checkpoint_every: int = _spec(100, help="steps between atomic checkpoints", check=_positive,
                                   bounds=(1, MAX_STEPS))
+    eval_rows: int = _spec(128, help="03: held-out cache rows of the per-time velocity error table (each costs "
+                                     "20 x 4 DiT calls; rows repeat when the cache holds fewer prompts)",
+                           check=_positive, bounds=(1, 100_000))
 
 
 @dataclass

@@ -210,3 +210,11 @@ def test_gradient_accumulation_takes_the_same_steps_as_the_whole_batch(tmp_path)
         field = toy.GaussianMixtureField.default_2d()
         trainer.Distiller(field.velocity, toy.ToyVelocityMLP(width=64), lambda m, x, s, c: m(x, s, c),
                           toy.ToyData(field), bad, tmp_path / "bad")
+
+
+def test_snapshot_cadence_and_retention(tmp_path):
+    d = crash_toy_distill.distiller(tmp_path)
+    d.cfg.iterations, d.cfg.snapshot_every, d.cfg.keep_snapshots = 40, 14, 2   # checkpoints every 7 iterations
+    d.train(progress=False)
+    names = sorted(p.name for p in (tmp_path / "ck").glob("ema_*.safetensors"))
+    assert names == ["ema_000028.safetensors", "ema_000040.safetensors"]   # multiples of 14 and the final one, newest 2

@@ -119,19 +119,26 @@ def test_trig_wrapper_reproduces_rf_x0_and_is_stable_near_zero(field):
     assert torch.isfinite(rcm.trig_F(field.velocity, x_t, t, None, torch.float64)).all()
 
 
-def test_toy_rcm_student_beats_one_step_euler_on_the_teacher(field, toy_teacher_copy, tmp_path):
-    cfg = _toy_config(method="rcm", iterations=600, checkpoint_every=600)
+def _distill_toy_and_compare_to_euler(cfg, field, toy_teacher_copy, folder, label):
+    """Energy distances to the mixture of teacher Euler@1 and the trained student@1 (same noise), and the run."""
     distiller = trainer.Distiller(field.velocity, copy.deepcopy(toy_teacher_copy), _call, toy.ToyData(field), cfg,
-                                  tmp_path / "ck")
+                                  folder)
     distiller.train(progress=False)
-    student = trainer.load_student_weights(copy.deepcopy(toy_teacher_copy), tmp_path / "ck")
+    student = trainer.load_student_weights(copy.deepcopy(toy_teacher_copy), folder)
     g_ = torch.Generator().manual_seed(123)
     reference = field.sample(2000, g_).float()
     noise = torch.randn(2000, 2, generator=g_)
     euler_1 = sampler.euler_sample(field.velocity, noise, flow.teacher_sigmas(1, 3.0))
     student_1 = sampler.consistency_sample(student, [noise], flow.student_trig_times(1, 80.0, []))
     ed_euler, ed_student = toy.energy_distance(euler_1, reference), toy.energy_distance(student_1, reference)
-    print(f"energy distance to the mixture: teacher Euler@1 {ed_euler:.4f}, rCM student@1 {ed_student:.4f}")
+    print(f"energy distance to the mixture: teacher Euler@1 {ed_euler:.4f}, {label} student@1 {ed_student:.4f}")
+    return ed_euler, ed_student, distiller
+
+
+def test_toy_rcm_student_beats_one_step_euler_on_the_teacher(field, toy_teacher_copy, tmp_path):
+    cfg = _toy_config(method="rcm", iterations=600, checkpoint_every=600)
+    ed_euler, ed_student, distiller = _distill_toy_and_compare_to_euler(cfg, field, toy_teacher_copy,
+                                                                        tmp_path / "ck", "rCM")
     assert ed_student < 0.2 * ed_euler
     history = distiller.state.history
     assert {"student", "critic"} == {h["kind"] for h in history}
@@ -142,17 +149,8 @@ def test_toy_rcm_student_beats_one_step_euler_on_the_teacher(field, toy_teacher_
 def test_toy_rcm_with_the_fd_tangent_beats_one_step_euler(field, toy_teacher_copy, tmp_path):
     cfg = _toy_config(method="rcm", iterations=300, checkpoint_every=300, rcm=rcm.RCMConfig(tangent="fd"))
     cfg.rcm.guidance_scale = 1.0
-    distiller = trainer.Distiller(field.velocity, copy.deepcopy(toy_teacher_copy), _call, toy.ToyData(field), cfg,
-                                  tmp_path / "ck")
-    distiller.train(progress=False)
-    student = trainer.load_student_weights(copy.deepcopy(toy_teacher_copy), tmp_path / "ck")
-    g_ = torch.Generator().manual_seed(123)
-    reference = field.sample(2000, g_).float()
-    noise = torch.randn(2000, 2, generator=g_)
-    euler_1 = sampler.euler_sample(field.velocity, noise, flow.teacher_sigmas(1, 3.0))
-    student_1 = sampler.consistency_sample(student, [noise], flow.student_trig_times(1, 80.0, []))
-    ed_euler, ed_student = toy.energy_distance(euler_1, reference), toy.energy_distance(student_1, reference)
-    print(f"energy distance to the mixture: teacher Euler@1 {ed_euler:.4f}, rCM (fd) student@1 {ed_student:.4f}")
+    ed_euler, ed_student, _ = _distill_toy_and_compare_to_euler(cfg, field, toy_teacher_copy, tmp_path / "ck",
+                                                                "rCM (fd)")
     assert ed_student < 0.3 * ed_euler
 
 

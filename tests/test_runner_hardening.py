@@ -13,6 +13,8 @@ import pytest
 
 from anima_lib import cli, config, report
 from anima_lib.report import Step, run_pipeline
+from test_report import preset  # noqa: F401  (the fixture: a preset writing under tmp_path)
+from test_report import run as run_in
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS_CELL = 'preset = "nano"\noverrides = []'
@@ -36,19 +38,11 @@ def metrics(name, extra=""):
     return METRICS.format(name=name, extra=extra)
 
 
-@pytest.fixture
-def preset(tmp_path):
-    path = tmp_path / "p.yaml"
-    path.write_text(f"run:\n  name: t\n  output_dir: {tmp_path}/out\n  report_dir: {tmp_path}/rep\n")
-    return path
-
-
 def run(tmp_path, preset, steps, **kw):
-    lines = []
-    code = run_pipeline(str(preset), pipeline=steps, notebook_dir=tmp_path, log=lines.append, **kw)
-    day = next((tmp_path / "rep").iterdir())
+    """test_report's runner call, plus the run's summary.json."""
+    code, day, notebooks, lines = run_in(tmp_path, preset, steps, **kw)
     summary = json.loads((day / "t" / "summary.json").read_text())
-    return code, day, summary, {n["name"]: n for n in summary["notebooks"]}, lines
+    return code, day, summary, notebooks, lines
 
 
 # --- "incomplete": a time budget paused training -----------------------------------------------------------------------
@@ -203,7 +197,7 @@ def test_a_notebook_error_is_not_retried(tmp_path, preset):
     make_notebook(tmp_path, "00_a", f"open({str(runs)!r}, 'a').write('x')\nraise ValueError('boom')\n")
     code, _, _, notebooks, lines = run(tmp_path, preset, (Step("00_a"),))
     assert runs.read_text() == "x" and not any("retrying" in line for line in lines)
-    assert code == 1 and notebooks["00_a"]["verdict"] == "ValueError: boom"
+    assert code == 1 and notebooks["00_a"]["verdict"].endswith("): ValueError: boom")   # after the cell it ran in
 
 
 def test_kernel_start_timeout_is_configurable(monkeypatch, preset, capsys):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from anima_lib import checkpoints, lora, models
 from anima_lib.io import NonFiniteWeightsError, sha256_file
 from anima_lib.nano_world.prompts import vocabulary
+from test_models import tiny_anima  # the same tiny real-config Anima the loader tests use
 
 MODULE = "transformer_blocks.0.attn1.to_q"
 
@@ -103,28 +104,9 @@ def test_inf_in_a_packed_file_is_refused(tmp_path, key):
         packed.load_packed(folder, lambda cfg: _Tiny())
 
 
-def _tiny_anima(nano):
-    from diffusers import AnimaTextConditioner, AutoencoderKLQwenImage, CosmosTransformer3DModel
-    from transformers import Qwen3Config, Qwen3Model
-    torch.manual_seed(1)
-    transformer = CosmosTransformer3DModel(**{**models.ANIMA_2B_TRANSFORMER, "num_attention_heads": 2,
-                                              "attention_head_dim": 16, "num_layers": 1, "text_embed_dim": 64,
-                                              "adaln_lora_dim": 8})
-    conditioner = AnimaTextConditioner(**{**models.ANIMA_2B_CONDITIONER, "source_dim": 64, "target_dim": 64,
-                                          "model_dim": 64, "num_layers": 1, "num_attention_heads": 4,
-                                          "target_vocab_size": len(nano.tokenizer)})
-    text_encoder = Qwen3Model(Qwen3Config(**{**models.ANIMA_2B_TEXT_ENCODER, "vocab_size": len(nano.tokenizer),
-                                             "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
-                                             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}))
-    vae = AutoencoderKLQwenImage(base_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
-    return models.AnimaComponents(transformer=transformer, text_encoder=text_encoder.eval(),
-                                  text_conditioner=conditioner, tokenizer=nano.tokenizer,
-                                  t5_tokenizer=nano.t5_tokenizer, codec=models.VAECodec(vae), preset="anima-2b")
-
-
 @pytest.fixture(scope="module")
 def comfy_files(nano, tmp_path_factory):
-    return checkpoints.save_comfy_split(_tiny_anima(nano), tmp_path_factory.mktemp("comfy"))
+    return checkpoints.save_comfy_split(tiny_anima(nano), tmp_path_factory.mktemp("comfy"))
 
 
 @pytest.mark.parametrize("part", ["comfy_diffusion_model", "comfy_text_encoder", "comfy_vae"])

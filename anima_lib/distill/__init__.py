@@ -38,7 +38,8 @@ def distill_config(params, method: str) -> DistillConfig:
                         fake_lr=d.fake_lr, student_every=d.student_every, ema_decay=d.ema_decay,
                         checkpoint_every=d.checkpoint_every, time_budget_s=d.minutes * 60, seed=params.run.seed,
                         parallel=d.parallel, activation_checkpointing=d.activation_checkpointing,
-                        grad_accumulation=d.grad_accumulation, rcm=rcm_cfg)
+                        grad_accumulation=d.grad_accumulation, snapshot_every=d.snapshot_every,
+                        keep_snapshots=d.keep_snapshots, rcm=rcm_cfg)
     cfg.lcm.shift = params.sampler.shift
     cfg.iterations = d.student_steps * (d.student_every if cfg.uses_critic else 1)
     return cfg

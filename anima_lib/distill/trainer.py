@@ -37,7 +37,8 @@ METHODS = ("rcm", "scm", "lcm")
 PARALLEL = ("ddp", "fsdp")
 # change when training stops or how it is spread over devices, not what it learns
 RESUMABLE_CHANGES = ("iterations", "time_budget_s", "checkpoint_every", "parallel", "activation_checkpointing",
-                     "grad_accumulation")  # change when it stops or how it fits, not what is learned
+                     "grad_accumulation", "snapshot_every", "keep_snapshots")  # when it stops, how it fits, what
+                                                                                # it keeps: not what is learned
 PARAM_NAMES = {  # DistillConfig field -> the parameter a user sets (for refusal messages)
     "batch_size": "distill.batch_size", "lr": "distill.lr", "fake_lr": "distill.fake_lr",
     "student_every": "distill.student_every", "ema_decay": "distill.ema_decay", "seed": "run.seed",
@@ -76,6 +77,8 @@ class DistillConfig:
     parallel: str = "ddp"             # ddp | fsdp (under torchrun with more than one process; see parallel.py)
     activation_checkpointing: bool = False   # recompute transformer blocks in backward (never inside a JVP)
     grad_accumulation: int = 1        # passes per optimizer step, each over 1/N of this rank's rows
+    snapshot_every: int = 0           # iterations between ema_<iteration> snapshots (0: with every checkpoint)
+    keep_snapshots: int = 0           # keep the newest N snapshots (0: all)
     rcm: rcm.RCMConfig = field(default_factory=rcm.RCMConfig)
     lcm: lcm.LCMConfig = field(default_factory=lcm.LCMConfig)
 
@@ -419,9 +422,14 @@ class Distiller:
             **asdict(self.state), "fake_steps": self.fake_steps, "world_size": self.world_size,
             "config": asdict(self.cfg)})
         atomic_replace_dir(staging, self.dir / "last")
-        snapshot = self.dir / f"ema_{self.state.iteration:06d}.safetensors"
-        save_file(ema, snapshot.with_suffix(".tmp"))
-        snapshot.with_suffix(".tmp").rename(snapshot)
+        every = self.cfg.snapshot_every or self.cfg.checkpoint_every
+        if self.state.iteration % every == 0 or self.state.iteration >= self.cfg.iterations:
+            snapshot = self.dir / f"ema_{self.state.iteration:06d}.safetensors"
+            save_file(ema, snapshot.with_suffix(".tmp"))
+            snapshot.with_suffix(".tmp").rename(snapshot)
+        if self.cfg.keep_snapshots:   # at 2B a snapshot is 7.8 GB: keep the newest few
+            for old in sorted(self.dir.glob("ema_*.safetensors"))[:-self.cfg.keep_snapshots]:
+                old.unlink()
         return self.dir / "last"
 
     def _write(self, tensors: dict, path: Path) -> dict:
