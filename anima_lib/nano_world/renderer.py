@@ -6,10 +6,26 @@ Drawn with PIL at 4x the target size and downsampled (antialiasing). Two modes:
          colours, diagonally striped background
 Jitter (position +-1.5 px, size +-6%, colour +-6%, background texture) carries no attribute information, so one
 prompt has many valid images while the probes can still read every attribute.
+
+Controlled eye damage (`eye_damage=EyeDamage(kind, severity)`): the hard negatives of the detail-strict reader
+(anima_lib.nano_world.detail_reader) and of tests that need "a render with controlled eye damage". The creature,
+its jitter and every pixel away from the eye row are those of the clean render with the same seed; only the eyes
+change. Kinds (what few-step samples show at 32x32):
+  blur   one eye blurred into the body: blurred with sigma up to 1.2 eye radii and faded up to 55% towards what lies
+         under it (a smudge stays: never a clean creature with one eye fewer)
+  merge  two neighbouring eyes pulled together and bridged into one white blob (a lone eye is smeared sideways)
+  extra  an extra faint eye (opacity up to 0.6: never a clean eye) on the row beyond one end, or just below the row
+         where the row's end has no body left
+  shift  one eye moved off the row, up or down, by up to 1.8 eye radii
+`severity` in [0, 1] scales the damage continuously; 0 is the clean render bit for bit. Which eye, and which side or
+direction, is drawn from the seed (not the severity), so a severity sweep damages the same eye more and more. No kind
+at severity 1 looks like a clean creature with another eye count. With eye_damage=None (the default) the renderer
+draws exactly what it drew before damage existed (tests/test_detail_reader.py pins hashes).
 """
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -24,6 +40,20 @@ BACKGROUND_RGB = {"dark": ((28, 28, 44), (28, 28, 44)), "light": ((232, 232, 222
 RADIUS = {"small": 0.21, "big": 0.32}            # fraction of the image side
 CENTRE_X = {"left": 0.27, "centre": 0.5, "right": 0.73}
 EYE_COUNT = {"one": 1, "two": 2, "three": 3}
+EYE_DAMAGE_KINDS = ("blur", "merge", "extra", "shift")
+
+
+@dataclass(frozen=True)
+class EyeDamage:
+    """Controlled eye damage for `render`: a kind (EYE_DAMAGE_KINDS) and a severity in [0, 1]."""
+    kind: str
+    severity: float
+
+    def __post_init__(self):
+        if self.kind not in EYE_DAMAGE_KINDS:
+            raise ValueError(f"eye damage kind {self.kind!r} is not known; allowed: {list(EYE_DAMAGE_KINDS)}")
+        if not 0.0 <= float(self.severity) <= 1.0:
+            raise ValueError(f"eye damage severity {self.severity!r} is outside [0, 1]")
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
@@ -60,8 +90,77 @@ def _background(creature: Creature, size: int, style: bool, rng: random.Random) 
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
-def render(creature: Creature, seed: int, size: int = 32, style: bool = False) -> np.ndarray:
-    """uint8 [size, size, 3]; the same (creature, seed, size, style) always gives the same pixels."""
+def _draw_eye(draw: ImageDraw.ImageDraw, ex: float, ey: float, eye_r: float, style: bool, ink, white=(250, 250, 250),
+              stretch: float = 1.0) -> None:
+    """One eye as the clean renderer draws it (`stretch` widens it sideways)."""
+    w = eye_r * stretch
+    draw.ellipse([ex - w, ey - eye_r, ex + w, ey + eye_r], fill=white, outline=ink if style else None,
+                 width=int(SUPERSAMPLE * (1.0 if style else 0)))
+    pupil = eye_r * 0.5
+    draw.ellipse([ex - pupil * stretch, ey - pupil + 0.2 * eye_r, ex + pupil * stretch, ey + pupil + 0.2 * eye_r],
+                 fill=ink)
+
+
+def _damaged_eyes(image: Image.Image, damage: EyeDamage, rng: random.Random, cx: float, eye_y: float, eye_r: float,
+                  spacing: float, n_eyes: int, style: bool, ink, r: float) -> Image.Image:
+    """The eye row with one controlled defect (see the module docstring); returns the new image."""
+    s = float(damage.severity)
+    xs = [cx + (i - (n_eyes - 1) / 2) * spacing for i in range(n_eyes)]
+    ys = [eye_y] * n_eyes
+    which = rng.randrange(n_eyes)
+    sign = rng.choice((-1, 1))
+    draw = ImageDraw.Draw(image)
+    if damage.kind == "shift":
+        ys[which] += sign * 1.8 * s * eye_r
+    if damage.kind == "merge":
+        if n_eyes == 1:  # nothing to merge with: the lone eye smears sideways as if a second one fused into it
+            _draw_eye(draw, xs[0], ys[0], eye_r, style, ink, stretch=1 + 1.2 * s)
+            return image
+        j = rng.randrange(n_eyes - 1)
+        mid = (xs[j] + xs[j + 1]) / 2
+        half = (1 - 0.75 * s) * spacing / 2
+        xs[j], xs[j + 1] = mid - half, mid + half
+        for i in range(n_eyes):
+            _draw_eye(draw, xs[i], ys[i], eye_r, style, ink)
+        bridge = eye_r * min(1.0, 1.6 * s)     # a white bridge over the gap (and over the inner outlines in style)
+        draw.rectangle([xs[j], eye_y - bridge, xs[j + 1], eye_y + bridge], fill=(250, 250, 250))
+        pupil = eye_r * 0.5
+        for x in (xs[j], xs[j + 1]):
+            draw.ellipse([x - pupil, eye_y - pupil + 0.2 * eye_r, x + pupil, eye_y + pupil + 0.2 * eye_r], fill=ink)
+        return image
+    if damage.kind == "blur":
+        for i in range(n_eyes):
+            if i != which:
+                _draw_eye(draw, xs[i], ys[i], eye_r, style, ink)
+        with_eye = image.copy()
+        _draw_eye(ImageDraw.Draw(with_eye), xs[which], ys[which], eye_r, style, ink)
+        blurred = with_eye.filter(ImageFilter.GaussianBlur(1.2 * s * eye_r))
+        faded = Image.blend(blurred, image, 0.55 * s)           # towards what lies under the eye (the body)
+        mask = Image.new("L", image.size, 0)
+        reach = eye_r * (1 + 1.5 * s)
+        ImageDraw.Draw(mask).ellipse([xs[which] - reach, ys[which] - reach, xs[which] + reach, ys[which] + reach],
+                                     fill=255)
+        mask = mask.filter(ImageFilter.GaussianBlur(0.5 * eye_r))
+        image.paste(faded, (0, 0), mask)
+        return image
+    for i in range(n_eyes):
+        _draw_eye(draw, xs[i], ys[i], eye_r, style, ink)
+    if damage.kind == "extra":
+        layer = image.copy()
+        x = (xs[-1] if sign > 0 else xs[0]) + sign * spacing
+        y = eye_y
+        if abs(x - cx) > 0.8 * r:        # no body left beyond the row's end: just below the row, under one eye
+            x, y = xs[which], eye_y + 2.3 * eye_r
+        _draw_eye(ImageDraw.Draw(layer), x, y, eye_r, style, ink)
+        image = Image.blend(image, layer, 0.6 * s)
+    return image
+
+
+def render(creature: Creature, seed: int, size: int = 32, style: bool = False,
+           eye_damage: EyeDamage | None = None) -> np.ndarray:
+    """uint8 [size, size, 3]; the same (creature, seed, size, style, eye_damage) always gives the same pixels.
+
+    `eye_damage` (an EyeDamage) spoils the eye row in a controlled way; None (or severity 0) is the clean render."""
     for name, values in ATTRIBUTES.items():
         if getattr(creature, name) not in values:
             raise ValueError(f"{name}={getattr(creature, name)!r} is not a known value; allowed: {list(values)}")
@@ -106,12 +205,16 @@ def render(creature: Creature, seed: int, size: int = 32, style: bool = False) -
     eye_r = max(1.6 * SUPERSAMPLE, 0.2 * r) * (1.0 if n_eyes < 3 else 0.85)
     spacing = 2.6 * eye_r
     eye_y = cy - 0.15 * r if creature.shape != "triangle" else cy + 0.1 * r
-    for i in range(n_eyes):
-        ex = cx + (i - (n_eyes - 1) / 2) * spacing
-        draw.ellipse([ex - eye_r, eye_y - eye_r, ex + eye_r, eye_y + eye_r], fill=(250, 250, 250),
-                     outline=ink if style else None, width=int(SUPERSAMPLE * (1.0 if style else 0)))
-        pupil = eye_r * 0.5
-        draw.ellipse([ex - pupil, eye_y - pupil + 0.2 * eye_r, ex + pupil, eye_y + pupil + 0.2 * eye_r], fill=ink)
+    if eye_damage is None or eye_damage.severity == 0:
+        for i in range(n_eyes):
+            ex = cx + (i - (n_eyes - 1) / 2) * spacing
+            draw.ellipse([ex - eye_r, eye_y - eye_r, ex + eye_r, eye_y + eye_r], fill=(250, 250, 250),
+                         outline=ink if style else None, width=int(SUPERSAMPLE * (1.0 if style else 0)))
+            pupil = eye_r * 0.5
+            draw.ellipse([ex - pupil, eye_y - pupil + 0.2 * eye_r, ex + pupil, eye_y + pupil + 0.2 * eye_r], fill=ink)
+    else:
+        damage_rng = random.Random(f"eye-damage-{seed}-{creature}-{size}-{style}-{eye_damage.kind}")
+        image = _damaged_eyes(image, eye_damage, damage_rng, cx, eye_y, eye_r, spacing, n_eyes, style, ink, r)
     small = image.resize((size, size), Image.LANCZOS)
     pixels = np.asarray(small)
     if style:  # posterize: flat colour levels are part of the style
@@ -119,8 +222,12 @@ def render(creature: Creature, seed: int, size: int = 32, style: bool = False) -
     return pixels
 
 
-def render_batch(creatures: list[Creature], seeds: list[int], size: int = 32, style: bool = False):
-    """float32 tensor [B, 3, size, size] in [0, 1]."""
+def render_batch(creatures: list[Creature], seeds: list[int], size: int = 32, style: bool = False,
+                 eye_damage: EyeDamage | list[EyeDamage | None] | None = None):
+    """float32 tensor [B, 3, size, size] in [0, 1]; `eye_damage`: one for all images or one (or None) per image."""
     import torch
-    arrays = np.stack([render(c, s, size, style) for c, s in zip(creatures, seeds)])
+    damages = eye_damage if isinstance(eye_damage, (list, tuple)) else [eye_damage] * len(creatures)
+    if len(damages) != len(creatures):
+        raise ValueError(f"{len(damages)} eye damages for {len(creatures)} creatures")
+    arrays = np.stack([render(c, s, size, style, d) for c, s, d in zip(creatures, seeds, damages)])
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255.0
