@@ -39,7 +39,7 @@ def test_metrics_separate_good_from_bad_sets(probe, gate_params):
     assert good["alignment"] >= 0.9 and good["alignment_ci"][0] <= good["alignment"] <= good["alignment_ci"][1]
     wrong_prompts = gate_set.attributes[1:] + gate_set.attributes[:1]
     assert metrics.score_images(reader.read(others), wrong_prompts, gate_set.image_prompt)["alignment"] < 0.3
-    blurred = probes._blur(others, 2.0)
+    blurred = probes.blur(others, 2.0)
     assert metrics.score_images(reader.read(blurred), gate_set.attributes, gate_set.image_prompt)["alignment"] < 0.5
     assert metrics.fd_probe(renders, blurred, probe) > 3 * metrics.fd_probe(renders, others, probe)
     same_per_prompt = others[[2 * p for p in gate_set.image_prompt]]   # every seed of a prompt is one image

@@ -335,7 +335,7 @@ def test_nano_world_is_the_old_gate_exactly(tmp_path):
     assert world.gate.attributes == [c.to_dict() for c in creatures]
     renders = gate.render_reference(params, world.gate)
     others = gate.render_reference(params, world.gate, stream=gate.NOISE_FLOOR)
-    blurred = probes._blur(others, 1.5)
+    blurred = probes.blur(others, 1.5)
     samples = {"teacher@20": others, "teacher@1": blurred, "student@1": others.flip(-1)}
     expected = gate.score_rows(samples, "teacher@20", renders.flip(-2), renders, others, world.gate, probe)
     assert world.score_rows(samples, "teacher@20", renders.flip(-2)) == expected

@@ -55,6 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..io import atomic_write_bytes, atomic_write_json, sha256_file
+from .probes import blur  # the probe's Gaussian blur (also used to build test sets)
 from .prompts import ATTRIBUTES, Creature
 from .renderer import EYE_DAMAGE_KINDS, EyeDamage, render
 
@@ -263,18 +264,6 @@ def random_damages(n: int, fraction: float, severity: tuple[float, float], seed:
 
 
 # ------------------------------------------------------------------------------------------------------ training
-
-def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, int(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    kernel = kernel / kernel.sum()
-    c = images.shape[1]
-    images = F.conv2d(F.pad(images, (radius, radius, 0, 0), mode="reflect"),
-                      kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(images, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1),
-                    groups=c)
-
 
 def augment_clean(images: torch.Tensor, rng: random.Random) -> torch.Tensor:
     """The usual mild changes of good samples (the probe's augmentation), per image; determined by `rng`."""

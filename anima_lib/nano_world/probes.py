@@ -69,7 +69,8 @@ def attribute_labels(creatures: list[Creature]) -> dict[str, torch.Tensor]:
     return {name: torch.tensor([values.index(getattr(c, name)) for c in creatures]) for name, values in ATTRIBUTES.items()}
 
 
-def _blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur (reflect padding), per channel."""
     radius = max(1, int(3 * sigma))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
@@ -82,7 +83,7 @@ def _blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
 def augment_clean(images: torch.Tensor, rng: random.Random) -> torch.Tensor:
     """Mild changes a generator's good samples show; the attributes stay readable."""
     if rng.random() < 0.4:
-        images = _blur(images, rng.uniform(0.3, 0.7))
+        images = blur(images, rng.uniform(0.3, 0.7))
     images = images * rng.uniform(0.95, 1.05) + torch.randn_like(images) * rng.uniform(0.0, 0.03)
     return images.clamp(0, 1)
 
@@ -91,7 +92,7 @@ def degrade(images: torch.Tensor, rng: random.Random) -> torch.Tensor:
     """Failures a generator shows that a gate must not accept as creatures."""
     kind = rng.choice(["blur", "noise", "blend", "cutout"])
     if kind == "blur":
-        return _blur(images, rng.uniform(1.4, 3.0))
+        return blur(images, rng.uniform(1.4, 3.0))
     if kind == "noise":
         return (images + torch.randn_like(images) * rng.uniform(0.15, 0.35)).clamp(0, 1)
     if kind == "blend":
