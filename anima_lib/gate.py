@@ -209,15 +209,25 @@ def rmse_to_reference(images: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def score_rows(samples: dict[str, torch.Tensor], reference_row: str, noise_floor_images: torch.Tensor,
-               renders: torch.Tensor, other_renders: torch.Tensor, gate: GateSet, probe) -> dict[str, dict]:
+               renders: torch.Tensor, other_renders: torch.Tensor, gate: GateSet, probe,
+               details: Optional[dict] = None) -> dict[str, dict]:
     """Every row's metrics; `samples` maps row names to image sets aligned with gate.image_prompt/image_seed.
 
     The "renderer" row scores `other_renders` (other jitter seeds): its fd_probe is the renderer's own floor.
+    Beside the probe's columns, the detail-strict reader's `strict_*` columns (nano_world.detail_reader: eyes
+    confident and right, an "other" class for damaged eye rows); `details` (a dict) receives each row's confusion
+    matrices, calibration curves and per-image strict reads.
     """
+    from .nano_world import detail_reader   # nano only: the real world never imports the nano readers
     reader = metrics.ProbeReader(probe)
+    strict = detail_reader.load_detail_reader()
     rows = {}
     for row, images in {"renderer": other_renders, **samples}.items():
         scores = metrics.score_images(reader.read(images), gate.attributes, gate.image_prompt)
+        reading = detail_reader.score_details(strict, metrics.as_float(images), gate.attributes, gate.image_prompt)
+        scores.update(reading["scores"])
+        if details is not None:
+            details[row] = {k: v for k, v in reading.items() if k != "scores"}
         scores["fd_probe"] = metrics.fd_probe(renders, images, probe)
         scores["fd_probe_vs_teacher"] = metrics.fd_probe(noise_floor_images, images, probe)
         if row != "renderer":
