@@ -476,6 +476,9 @@ def cache_records(params, components=None) -> tuple[list[PromptRecord], list[str
     No usable prompt left is a CacheError."""
     from .models import NANO_MAX_TOKENS, AnimaComponents
     source = params.cache.prompts_file or "cache.n_prompts"
+    if not params.cache.prompts_file and params.model.preset != "nano":
+        raise CacheError(f"cache.prompts_file is required with model.preset = {params.model.preset!r} (a JSONL of id "
+                         f"and prompt: the training prompts); a real model's cache never draws nano creature prompts")
     if params.cache.prompts_file:
         from .config import _resolve
         nano = params.model.preset == "nano"

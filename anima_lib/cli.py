@@ -78,9 +78,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .distill.deturbo import DeturboError
     from .distill.trainer import DivergenceError
     from .flow_matching import ResumeError
-    from .io import NonFiniteWeightsError
+    from .io import NonFiniteWeightsError, WeightsError
     from .lora import LoraError, StyleDataError
-    from .nano_world.teacher import WeightsError
     from .report import RunLockedError
     return (CacheError, CheckpointError, DeturboError, DivergenceError, NonFiniteWeightsError, LoraError,
             StyleDataError, WeightsError, RunLockedError, ResumeError, FileNotFoundError, NotADirectoryError,

@@ -103,3 +103,8 @@ def atomic_replace_dir(staging: str | os.PathLike, target: str | os.PathLike) ->
     if old.exists():
         shutil.rmtree(old)
     return target
+
+
+class WeightsError(RuntimeError):
+    """A shipped weight file (nano teacher, probe) is missing or does not match its recorded hash. Defined here so the
+    CLI can name it without importing the nano world."""

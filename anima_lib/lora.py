@@ -135,13 +135,22 @@ def fused(transformer: torch.nn.Module, loras: list[tuple[LoraWeights, float]]) 
     return out
 
 
-def add_adapter(transformer: torch.nn.Module, rank: int, alpha: float, name: str = TRAINING_ADAPTER) -> None:
-    """A trainable peft LoRA on the target linears; everything else frozen."""
+def add_adapter(transformer: torch.nn.Module, rank: int, alpha: float, name: str = TRAINING_ADAPTER,
+                seed: Optional[int] = None) -> None:
+    """A trainable peft LoRA on the target linears; everything else frozen. peft draws lora_A's initial values from
+    the global RNG, which torch seeds at random per process: with `seed`, they are drawn from that seed instead (and
+    the global RNG is left as it was), so a LoRA trains to the same weights in every run."""
     from peft import LoraConfig
     check_rank(transformer, rank)
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TARGET_MODULES),
-                                       init_lora_weights=True), adapter_name=name)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TARGET_MODULES), init_lora_weights=True)
+    if seed is None:
+        transformer.add_adapter(config, adapter_name=name)
+        return
+    device = models.device_of(transformer)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        transformer.add_adapter(config, adapter_name=name)
 
 
 def _split_matrices(state: dict, prefix: str = "") -> tuple[dict, dict]:
@@ -363,7 +372,7 @@ def train_lora(base: torch.nn.Module, batches: Callable, empty_context: torch.Te
     """
     folder = Path(folder)
     trainee = fused(base, list(frozen)).float()
-    add_adapter(trainee, rank, alpha)
+    add_adapter(trainee, rank, alpha, seed=cfg.seed)
     if init is not None:
         set_adapter(trainee, init)
 
@@ -412,10 +421,17 @@ def nano_caption_check(components) -> Optional[Callable[[str], Optional[str]]]:
 
 
 def style_folder(params) -> Path:
-    """The style data of this run: lora.style_folder, or the nano renderer's style mode written under outputs/<run>."""
-    if params.lora.style_folder is not None:
+    """The style data of this run: lora.style_folder, or (nano presets only) the nano renderer's style mode written
+    under outputs/<run>. A real preset without lora.style_folder is a StyleDataError naming the key: renders of nano
+    creatures are no style for a real model."""
+    if params.lora.style_folder:
         from .config import _resolve
         return _resolve(params.lora.style_folder)
+    if params.model.preset != "nano":
+        raise StyleDataError(f"lora.style_folder is required with model.preset = {params.model.preset!r}: a folder "
+                             f"of the studio's style images ({params.gate.image_size}x{params.gate.image_size}, PNG/"
+                             f"JPEG) with same-name .txt captions (the nano renderer's style mode is not a style for a "
+                             f"real model)")
     return write_nano_style_folder(params.output_path() / "style_data" / "nano", params.lora.style_images,
                                    seed=params.run.seed + 3_000, image_size=params.gate.image_size)
 
@@ -437,8 +453,7 @@ def load_style_data(params, components) -> tuple[torch.Tensor, list[str], Path]:
 def adapter_training_config(params, section, uniform_fraction: float = 0.0) -> FlowMatchingConfig:
     """Flow-matching settings of an adapter (`params.lora` or `params.deturbo`): its steps, batch, lr, caption dropout
     and budget, at the teacher's training-time distribution; no weight decay (a LoRA starts at, and decays to, zero)."""
-    from .nano_world.teacher import teacher_config
-    teacher = teacher_config(params)
+    teacher = params.teacher  # its logit-normal times (nano_world.teacher.teacher_config reads the same keys)
     return FlowMatchingConfig(steps=section.steps, batch_size=section.batch_size, lr=section.lr, warmup_steps=50,
                               weight_decay=0.0, ema_decay=0.99, caption_dropout=section.caption_dropout,
                               logit_mean=teacher.logit_mean, logit_std=teacher.logit_std,
@@ -498,28 +513,46 @@ STYLE_TARGETS = {1: 0.8, 2: 0.8, 4: 0.9}   # issue 7: style score vs teacher+LoR
 CONTENT_TARGET, DIVERSITY_TARGET = 0.9, 0.8   # relative to the student's own rows (no LoRA), same step count
 
 
-def survival_table(rows: dict, reference_row: str, ways, steps) -> dict[str, dict]:
-    """Per '<way>@<k>': style score relative to the reference, content (attribute_alignment: every prompt attribute
-    read right, however cleanly drawn) and diversity relative to the student's own row at k steps, whether all three
-    meet the targets ("survives"), and, as found, clean_rate and fd_probe_vs_reference. Rows as 06 writes them."""
-    reference = rows[reference_row]["style_score"]
+# The metric names of 06's survival table per evaluation world (anima_lib.worlds): style, content and diversity are
+# compared as ratios; `distance` is to the styled reference's other seeds; `report` is copied into the table as found.
+SURVIVAL_METRICS = {
+    "nano": {"style": "style_score", "content": "attribute_alignment", "diversity": "diversity",
+             "distance": "fd_probe_vs_reference", "distance_label": "fd_vs_ref", "distance_format": "{:.0f}",
+             "report": ("clean_rate", "fd_probe_vs_reference")},
+    "real": {"style": "style_clip", "content": "clip_score", "diversity": "diversity_clip",
+             "distance": "fid_vs_reference", "distance_label": "fid_vs_ref", "distance_format": "{:.1f}",
+             "report": ("fid_vs_reference",)},
+}
+
+
+def survival_table(rows: dict, reference_row: str, ways, steps, names: Optional[dict] = None) -> dict[str, dict]:
+    """Per '<way>@<k>': style relative to the reference, content (nano: attribute_alignment, every prompt attribute
+    read right however cleanly drawn; real: CLIP score) and diversity relative to the student's own row at k steps,
+    whether all three meet the targets ("survives"), and, as found, the `report` metrics (nano: clean_rate and
+    fd_probe_vs_reference). Rows as 06 writes them; `names`: SURVIVAL_METRICS of the world (default nano)."""
+    names = names or SURVIVAL_METRICS["nano"]
+    style, content, diversity = names["style"], names["content"], names["diversity"]
+    reference = rows[reference_row][style]
     table = {}
     for way in ways:
         for k in steps:
             row, own = rows[f"{ROW_NAMES[way]}@{k}"], rows[f"student@{k}"]
-            entry = {"style_ratio": row["style_score"] / max(reference, 1e-9),
-                     "content_ratio": row["attribute_alignment"] / max(own["attribute_alignment"], 1e-9),
-                     "diversity_ratio": row["diversity"] / max(own["diversity"], 1e-9)}
+            entry = {"style_ratio": row[style] / max(reference, 1e-9),
+                     "content_ratio": row[content] / max(own[content], 1e-9),
+                     "diversity_ratio": row[diversity] / max(own[diversity], 1e-9)}
             entry["survives"] = bool(entry["style_ratio"] >= STYLE_TARGETS[k] and entry["content_ratio"] >= CONTENT_TARGET
                                      and entry["diversity_ratio"] >= DIVERSITY_TARGET)
-            entry.update(clean_rate=row["clean_rate"], fd_probe_vs_reference=row["fd_probe_vs_reference"])
+            entry.update({key: row[key] for key in names["report"]})
             table[f"{way}@{k}"] = entry
     return table
 
 
-def survival_verdict(table: dict[str, dict], ways, steps) -> str:
+def survival_verdict(table: dict[str, dict], ways, steps, names: Optional[dict] = None) -> str:
     """One line: at which step counts style survives with which way, whether direct training collapses (and how), and
     how the teacher-LoRA transfer compares with De-Turbo."""
+    names = names or SURVIVAL_METRICS["nano"]
+    distance = names["distance"]
+
     def cells(way, key, fmt):
         return "/".join(fmt.format(table[f"{way}@{k}"][key]) for k in steps)
 
@@ -533,15 +566,15 @@ def survival_verdict(table: dict[str, dict], ways, steps) -> str:
         parts.append(f"{way}: {'survives at ' + '/'.join(map(str, ok)) + ' steps' if ok else 'does not survive'} "
                      f"(@{at}: style x{cells(way, 'style_ratio', '{:.2f}')}, content x"
                      f"{cells(way, 'content_ratio', '{:.2f}')}, diversity x{cells(way, 'diversity_ratio', '{:.2f}')}, "
-                     f"fd_vs_ref {cells(way, 'fd_probe_vs_reference', '{:.0f}')})")
+                     f"{names['distance_label']} {cells(way, distance, names['distance_format'])})")
     if "student" in ways:
         how = []
         if any(table[f"student@{k}"]["diversity_ratio"] < DIVERSITY_TARGET for k in steps):
             how.append("diversity drops")
         if any(table[f"student@{k}"]["content_ratio"] < CONTENT_TARGET for k in steps):
             how.append("content drops")
-        if "teacher" in ways and mean("student", "fd_probe_vs_reference") > 1.5 * mean("teacher", "fd_probe_vs_reference"):
-            how.append(f"its samples sit x{mean('student', 'fd_probe_vs_reference') / mean('teacher', 'fd_probe_vs_reference'):.1f} "
+        if "teacher" in ways and mean("student", distance) > 1.5 * mean("teacher", distance):
+            how.append(f"its samples sit x{mean('student', distance) / mean('teacher', distance):.1f} "
                        f"farther from the styled reference than the teacher-LoRA's")
         parts.append("direct training: " + ("; ".join(how) if how else "no collapse seen"))
     if "teacher" in ways and "deturbo" in ways:

@@ -276,11 +276,11 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 def load_components(params) -> AnimaComponents:
     """What a notebook calls: the components a preset names, on its device and dtype, in eval mode."""
-    from .nano_world.prompts import vocabulary
     if params.run.threads > 0:
         torch.set_num_threads(params.run.threads)
     m = params.model
     if m.preset == "nano":
+        from .nano_world.prompts import vocabulary
         components = (build_nano(vocabulary(), seed=params.run.seed) if m.nano_weights == "random"
                       else _load_nano_weights(params))
     elif m.diffusers_dir:  # loaded at the run's dtype: a bf16 checkpoint is read as bf16, not as an fp32 copy first

@@ -20,6 +20,11 @@ Rows of the real world (metric names are stable; metrics.json and the index read
   n_images
 Nano rows are exactly anima_lib.gate.score_rows' (alignment, fd_probe, fd_probe_vs_teacher, ...), unchanged.
 
+The notebooks take a world for every number they report, so the same cells run in both: 05 (score_rows, verdict),
+02 (score_samples: nano against renders, real against teacher@T on other seeds; beats, step_summary), 03 (score_rows;
+floor_metric, content_metric), 06 (score_rows(style=True), lora_rows, score_set; lora.SURVIVAL_METRICS[world.kind]),
+and with_params / subset_params for smaller gate sets (previews, 04's calibration inputs).
+
 Nothing here imports the nano renderer or probe unless a nano world is built.
 """
 from __future__ import annotations
@@ -82,10 +87,24 @@ def load_world(params, readers: Optional[RealReaders] = None, probe=None):
     if world_kind(params) == NANO:
         if probe is None:
             from .nano_world.probes import load_probe
-            probe = load_probe()
+            with torch.random.fork_rng(devices=[]):  # the probe's init draws must not move the global RNG: what
+                probe = load_probe()                 # a notebook trains next (peft's LoRA init) draws from it
         return NanoWorld(params, gate.gate_set(params), probe)
     gate_set = gate.gate_set(params)
     return RealWorld(params, gate_set, readers if readers is not None else production_readers(params))
+
+
+def subset_params(preset, overrides: list[str], n_prompts: int, seeds_per_prompt: int = 1):
+    """The preset with a smaller gate set (previews, 04's calibration inputs): `n_prompts` prompts x `seeds_per_prompt`.
+    A real world holds only the prompts of its files, so there it takes at most that many; the nano sampler draws
+    any number (so nano sets are exactly what they always were)."""
+    from .config import gate_prompt_files, load_config
+    params = load_config(preset, overrides)
+    if world_kind(params) == REAL:
+        held = sum(1 for path in gate_prompt_files(params) for line in path.read_bytes().split(b"\n") if line.strip())
+        n_prompts = min(n_prompts, held)
+    return load_config(preset, list(overrides) + [f"gate.n_prompts={n_prompts}",
+                                                  f"gate.seeds_per_prompt={seeds_per_prompt}"])
 
 
 class NanoWorld:
@@ -106,6 +125,10 @@ class NanoWorld:
 
     def backend(self) -> str:
         return "nano probe"
+
+    def with_params(self, params) -> "NanoWorld":
+        """The same probe on another gate set (gate.n_prompts / seeds_per_prompt of `params`), e.g. a preview."""
+        return NanoWorld(params, gate.gate_set(params), self.probe)
 
     def keep(self, images: torch.Tensor) -> torch.Tensor:
         return images
@@ -128,6 +151,47 @@ class NanoWorld:
     def labels(self, image_indices: list[int]) -> list[str]:
         return [self.gate.prompts[self.gate.image_prompt[i]].replace(" creature", "").replace("with ", "")
                 .replace(" background", "")[:30] for i in image_indices]
+
+    # --- what 02, 03 and 06 read (numbers exactly as those notebooks computed them before the worlds) ---------------
+    step_metrics = ("alignment", "fd_probe")     # 02: a student's quality at k steps, in the verdict's order
+    floor_metric = "fd_probe_vs_teacher"         # 03: distance to teacher@T on other seeds (its own row: the floor)
+    content_metric = "alignment"                 # 03: the content a row keeps
+    formats = {"alignment": ".3f", "fd_probe": ".2f", "fd_probe_vs_teacher": ".2f"}
+    lora_renames = {"fd_probe": "fd_probe_styled", "fd_probe_vs_teacher": "fd_probe_vs_reference"}
+    lora_columns = ["style_score", "style_score_ci", "attribute_alignment", "attribute_alignment_ci", "alignment",
+                    "clean_rate", "diversity", "fd_probe_vs_reference", "fd_probe_styled", "n_images"]
+
+    def score_samples(self, samples: dict[str, torch.Tensor], noise_floor: Optional[Callable] = None
+                      ) -> dict[str, dict]:
+        """02's rows: each image set against renders of its prompts (absolute; `noise_floor` is not needed here):
+        alignment (+ CI), diversity, clean_rate, fd_probe, n_images."""
+        renders = self.renders(gate.MAIN)
+        reader = metrics.ProbeReader(self.probe)
+        rows = {}
+        for row, images in samples.items():
+            scores = metrics.score_images(reader.read(images), self.gate.attributes, self.gate.image_prompt)
+            rows[row] = {"alignment": scores["alignment"], "alignment_ci": scores["alignment_ci"],
+                         "diversity": scores["diversity"], "clean_rate": scores["clean_rate"],
+                         "fd_probe": metrics.fd_probe(renders, images, self.probe), "n_images": scores["n_images"]}
+        return rows
+
+    def beats(self, rows: dict[str, dict], row: str, other: str, other_label: str) -> dict[str, bool]:
+        """02's checks: `row` is better than `other` on fd_probe and alignment."""
+        a, b = rows[row], rows[other]
+        return {f"{row} fd_probe below {other_label} ({a['fd_probe']:.2f} vs {b['fd_probe']:.2f})":
+                    a["fd_probe"] < b["fd_probe"],
+                f"{row} alignment above {other_label} ({a['alignment']:.3f} vs {b['alignment']:.3f})":
+                    a["alignment"] > b["alignment"]}
+
+    def score_set(self, images: torch.Tensor, style: bool = False) -> dict:
+        """One image set on its own (no reference): 06's strength sweep (style_score, attribute_alignment, ...)."""
+        return metrics.score_images(metrics.ProbeReader(self.probe).read(images), self.gate.attributes,
+                                    self.gate.image_prompt)
+
+    def lora_rows(self, scored: dict[str, dict]) -> dict[str, dict]:
+        """06's table from score_rows(..., style=True): distances renamed to what they are measured against."""
+        return {row: {k: s[old] for old, k in [(o, self.lora_renames.get(o, o)) for o in s] if k in self.lora_columns}
+                for row, s in scored.items() if row != "renderer"}
 
     def detail_table(self, rows: dict[str, dict]) -> tuple[str, dict]:
         attributes = [k for k in rows["renderer"] if k.startswith("alignment_") and k != "alignment_ci"]
@@ -212,6 +276,7 @@ class RealWorld:
     def __init__(self, params, gate_set: gate.GateSet, readers: RealReaders):
         self.params, self.gate, self.readers = params, gate_set, readers
         self._style_embeddings: Optional[torch.Tensor] = None
+        self._text: Optional[torch.Tensor] = None  # CLIP embeddings of the gate prompts, read once
 
     def describe(self) -> dict:
         return {"world": REAL, "prompts": self.gate.sources, "n_prompts": len(self.gate.prompts),
@@ -239,37 +304,90 @@ class RealWorld:
             self._style_embeddings = self.readers.clip_image(load_style_images(_resolved(folder)))
         return self._style_embeddings
 
-    def score_rows(self, samples: dict[str, torch.Tensor], reference_row: str, noise_floor: torch.Tensor,
-                   style: bool = False) -> dict[str, dict]:
-        """Every row against teacher@T on other seeds (`noise_floor`), each image set read once per reader."""
+    def with_params(self, params) -> "RealWorld":
+        """The same readers on another gate set (gate.n_prompts / seeds_per_prompt of `params`), e.g. a preview."""
+        world = RealWorld(params, gate.gate_set(params), self.readers)
+        world._style_embeddings = self._style_embeddings
+        return world
+
+    def _text_embeddings(self) -> torch.Tensor:
+        if self._text is None:
+            self._text = self.readers.clip_text(self.gate.prompts)
+        return self._text
+
+    def score_set(self, images: torch.Tensor, style: bool = False) -> dict:
+        """One image set on its own (no reference samples): clip_score (+ CI, per category), diversity_clip (+ CI),
+        style_clip (+ CI, with `style`), n_images."""
         prompt_ids = torch.tensor(self.gate.image_prompt)
-        text = self.readers.clip_text(self.gate.prompts)[prompt_ids]
-        reference_features = self.readers.inception(noise_floor)
-        style_embeddings = self.style_embeddings() if style else None
+        text = self._text_embeddings()[prompt_ids]
+        embeddings = self.readers.clip_image(images)
+        scores: dict = {}
+        clip = metrics.clip_score_per_image(embeddings, text)
+        scores["clip_score"] = float(clip.mean())
+        scores["clip_score_ci"] = metrics._bootstrap_ci(metrics._per_prompt_means(clip, prompt_ids))
         categories = self.gate.categories or []
-        in_category = {c: torch.tensor([categories[p] == c for p in self.gate.image_prompt]) for c in sorted(set(categories))}
-        reference = metrics.as_float(samples[reference_row])
+        for category in sorted(set(categories)):
+            mask = torch.tensor([categories[p] == category for p in self.gate.image_prompt])
+            scores[f"clip_score_{category}"] = float(clip[mask].mean())
+        diversity = metrics.cosine_diversity_per_prompt(embeddings, prompt_ids)
+        scores["diversity_clip"] = float(diversity.mean())
+        scores["diversity_clip_ci"] = metrics._bootstrap_ci(diversity)
+        if style:
+            similarity = metrics.style_similarity(embeddings, self.style_embeddings())
+            scores["style_clip"] = float(similarity.mean())
+            scores["style_clip_ci"] = metrics._bootstrap_ci(metrics._per_prompt_means(similarity, prompt_ids))
+        scores["n_images"] = len(self.gate.image_prompt)
+        return scores
+
+    def score_rows(self, samples: dict[str, torch.Tensor], reference_row: Optional[str], noise_floor: torch.Tensor,
+                   style: bool = False) -> dict[str, dict]:
+        """Every row against teacher@T on other seeds (`noise_floor`), each image set read once per reader;
+        rmse_to_reference only when a `reference_row` is given."""
+        reference_features = self.readers.inception(noise_floor)
+        if style:
+            self.style_embeddings()  # a missing style folder fails before any image is read
+        reference = metrics.as_float(samples[reference_row]) if reference_row is not None else None
         rows = {}
         for row, images in samples.items():
-            embeddings = self.readers.clip_image(images)
             scores: dict = {"fid_vs_teacher": metrics.fid_from_features(reference_features,
                                                                        self.readers.inception(images))}
-            clip = metrics.clip_score_per_image(embeddings, text)
-            scores["clip_score"] = float(clip.mean())
-            scores["clip_score_ci"] = metrics._bootstrap_ci(metrics._per_prompt_means(clip, prompt_ids))
-            for category, mask in in_category.items():
-                scores[f"clip_score_{category}"] = float(clip[mask].mean())
-            diversity = metrics.cosine_diversity_per_prompt(embeddings, prompt_ids)
-            scores["diversity_clip"] = float(diversity.mean())
-            scores["diversity_clip_ci"] = metrics._bootstrap_ci(diversity)
-            if style_embeddings is not None:
-                similarity = metrics.style_similarity(embeddings, style_embeddings)
-                scores["style_clip"] = float(similarity.mean())
-                scores["style_clip_ci"] = metrics._bootstrap_ci(metrics._per_prompt_means(similarity, prompt_ids))
-            scores["rmse_to_reference"] = gate.rmse_to_reference(metrics.as_float(images), reference)
-            scores["n_images"] = len(self.gate.image_prompt)
+            scores.update(self.score_set(images, style))
+            n_images = scores.pop("n_images")
+            if reference is not None:
+                scores["rmse_to_reference"] = gate.rmse_to_reference(metrics.as_float(images), reference)
+            scores["n_images"] = n_images
             rows[row] = scores
         return rows
+
+    # --- what 02, 03 and 06 read -------------------------------------------------------------------------------------
+    step_metrics = ("clip_score", "fid_vs_teacher")   # 02: a student's quality at k steps
+    floor_metric = "fid_vs_teacher"                   # 03: FID to teacher@T on other seeds (its own row: the floor)
+    content_metric = "clip_score"                     # 03: the content a row keeps
+    formats = {"clip_score": ".2f", "fid_vs_teacher": ".2f"}
+    lora_renames = {"fid_vs_teacher": "fid_vs_reference"}
+    lora_columns = ["style_clip", "style_clip_ci", "clip_score", "clip_score_ci", "diversity_clip", "diversity_clip_ci",
+                    "fid_vs_reference", "rmse_to_reference", "n_images"]
+
+    def score_samples(self, samples: dict[str, torch.Tensor], noise_floor: Callable[[], torch.Tensor]
+                      ) -> dict[str, dict]:
+        """02's rows: fid_vs_teacher against teacher@T with CFG on other seeds (`noise_floor()` samples them),
+        clip_score (+ CI), diversity_clip, n_images."""
+        keep = ("fid_vs_teacher", "clip_score", "clip_score_ci", "diversity_clip", "n_images")
+        rows = self.score_rows(samples, None, self.keep(noise_floor()))
+        return {row: {k: v[k] for k in keep} for row, v in rows.items()}
+
+    def beats(self, rows: dict[str, dict], row: str, other: str, other_label: str) -> dict[str, bool]:
+        """02's checks: `row` is closer to teacher@T (FID) and to the prompts (CLIP score) than `other`."""
+        a, b = rows[row], rows[other]
+        return {f"{row} fid_vs_teacher below {other_label} ({a['fid_vs_teacher']:.2f} vs {b['fid_vs_teacher']:.2f})":
+                    a["fid_vs_teacher"] < b["fid_vs_teacher"],
+                f"{row} clip_score above {other_label} ({a['clip_score']:.2f} vs {b['clip_score']:.2f})":
+                    a["clip_score"] > b["clip_score"]}
+
+    def lora_rows(self, scored: dict[str, dict]) -> dict[str, dict]:
+        """06's table from score_rows(..., style=True): FID is to the styled reference's other seeds."""
+        return {row: {self.lora_renames.get(k, k): v for k, v in s.items() if self.lora_renames.get(k, k)
+                      in self.lora_columns} for row, s in scored.items()}
 
     def labels(self, image_indices: list[int]) -> list[str]:
         return [self.gate.prompts[self.gate.image_prompt[i]][:30] for i in image_indices]
@@ -364,3 +482,9 @@ def load_style_images(folder: Path, size: int = 256) -> torch.Tensor:
             img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
             images.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
     return torch.stack(images)
+
+
+def step_summary(world, scores: dict) -> str:
+    """One row in 02's verdict: 'alignment 0.875 fd_probe 152.15' (nano), 'clip_score 31.20 fid_vs_teacher 12.40'
+    (real)."""
+    return " ".join(f"{m} {scores[m]:{world.formats[m]}}" for m in world.step_metrics)

@@ -30,7 +30,7 @@ class DeturboError(RuntimeError):
     """The De-Turbo adapter is missing or was trained for another student."""
 
 
-KEY_EXCLUDED = ("minutes", "checkpoint_every")  # do not change what the adapter learns
+KEY_EXCLUDED = ("minutes", "checkpoint_every", "eval_rows")  # do not change what the adapter learns
 
 
 def deturbo_settings(params, teacher: torch.nn.Module, student: torch.nn.Module) -> dict:

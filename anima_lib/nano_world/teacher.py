@@ -19,17 +19,13 @@ import torch
 from .. import models
 from ..checkpoints import load_diffusers_folder, save_diffusers_folder
 from ..flow_matching import FlowMatchingConfig, load_ema_into, smoothed, train_flow_matching
-from ..io import atomic_write_json, sha256_file
+from ..io import WeightsError, atomic_write_json, sha256_file
 from .prompts import ATTRIBUTES, Creature, vocabulary
 from .renderer import render_batch
 
 SHIPPED_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "nano_teacher"
 MANIFEST = "manifest.json"
 REGENERATE = "anima run params/nano.yaml --only 00_nano_teacher --set teacher.train=true"
-
-
-class WeightsError(RuntimeError):
-    """A shipped weight file is missing or does not match its recorded hash."""
 
 
 def all_creatures() -> list[Creature]:
