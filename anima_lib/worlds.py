@@ -110,9 +110,9 @@ def subset_params(preset, overrides: list[str], n_prompts: int, seeds_per_prompt
 class NanoWorld:
     """Creature prompts, renderer images, the probe: exactly the numbers gate.score_rows has always computed."""
     kind = NANO
-    table_columns = ["alignment", "alignment_ci", "diversity", "fd_probe", "fd_probe_vs_teacher", "rmse_to_reference",
-                     "clean_rate", "n_images"]
-    plot_metrics = ("alignment", "fd_probe")
+    table_columns = ["alignment", "alignment_ci", "strict_alignment", "strict_alignment_ci", "strict_confident_eyes",
+                     "diversity", "fd_probe", "fd_probe_vs_teacher", "rmse_to_reference", "clean_rate", "n_images"]
+    plot_metrics = ("alignment", "strict_alignment", "fd_probe")   # strict: the detail reader (eyes confident+right)
 
     def __init__(self, params, gate_set: gate.GateSet, probe):
         self.params, self.gate, self.probe = params, gate_set, probe
@@ -249,6 +249,20 @@ class NanoWorld:
                 student_checks[f"{quant_row}@{steps} fd_probe_vs_teacher within 10% of full precision "
                                f"({qz['fd_probe_vs_teacher']:.2f} vs {fp['fd_probe_vs_teacher']:.2f})"] = (
                     qz["fd_probe_vs_teacher"] <= 1.10 * fp["fd_probe_vs_teacher"])
+        if "strict_alignment" in ref:   # issue 20: the detail-strict reading (eyes confident and right)
+            for steps in sorted(params.gate.student_steps):
+                fp, qz = rows.get(f"student@{steps}"), rows.get(f"{quant_row}@{steps}")
+                if fp:
+                    student_checks[f"student@{steps} strict alignment ≥ 0.97 × reference ({fp['strict_alignment']:.3f} "
+                                   f"vs {ref['strict_alignment']:.3f})"] = (
+                        fp["strict_alignment"] >= 0.97 * ref["strict_alignment"])
+                if fp and qz:
+                    student_checks[f"{quant_row}@{steps} strict alignment within 0.01 of full precision "
+                                   f"({qz['strict_alignment']:.3f} vs {fp['strict_alignment']:.3f})"] = (
+                        abs(qz["strict_alignment"] - fp["strict_alignment"]) <= 0.01)
+            if "student@1" in rows and "student@4" in rows:
+                s1, s4 = rows["student@1"]["strict_alignment"], rows["student@4"]["strict_alignment"]
+                student_checks[f"student@4 ≥ student@1 on strict alignment ({s4:.3f} vs {s1:.3f})"] = s4 >= s1
         checks.update(student_checks)
         passed = all(checks.values())
         verdict = (f"{reference_row}: alignment {ref['alignment']:.3f}, worst attribute "
@@ -262,6 +276,8 @@ class NanoWorld:
                    + ("" if passed else " — FAILED: " + "; ".join(k for k, ok in checks.items() if not ok)))
         headline = ({f"{r}.alignment": rows[r]["alignment"]
                      for r in (reference_row, "teacher@1", "student@1", "student@4") if r in rows}
+                    | {f"{r}.strict_alignment": rows[r]["strict_alignment"]
+                       for r in (reference_row, "student@1", "student@4") if "strict_alignment" in rows.get(r, {})}
                     | {"fd_probe_ratio@1": fd_ratio})
         return checks, verdict, headline
 

@@ -1,0 +1,28 @@
+"""The nano gate's detail-strict checks (issue 20) on synthetic rows: a changed threshold or a broken check fails here."""
+from anima_lib import config, gate, worlds
+
+BASE = {"alignment": .9, "alignment_color": 1.0, "diversity": 10, "fd_probe": 5, "fd_probe_vs_teacher": 5,
+        "strict_alignment": 0.8}
+
+
+def _strict_checks(student1, student4, quantized1):
+    params = config.load_config("smoke", check_paths=False)
+    world = worlds.NanoWorld(params, gate.gate_set(params), None)
+    rows = {"renderer": dict(BASE), "teacher@20": dict(BASE), "teacher@1": {**BASE, "fd_probe": 50, "alignment": .3},
+            "student@1": {**BASE, "strict_alignment": student1}, "student@4": {**BASE, "strict_alignment": student4},
+            "student_q4@1": {**BASE, "strict_alignment": quantized1}}
+    checks, _, headline = world.verdict(rows, {"student@1": 100.0, "teacher@20": 1.0}, "teacher@20")
+    assert headline["teacher@20.strict_alignment"] == 0.8
+    return {name.split(" (")[0]: ok for name, ok in checks.items() if "strict" in name}
+
+
+def test_strict_checks_pass_at_their_thresholds():
+    checks = _strict_checks(student1=0.776, student4=0.776, quantized1=0.767)   # 0.97 x 0.8 = 0.776; 0.01 below
+    assert all(checks.values()) and len(checks) == 4, checks
+
+
+def test_strict_checks_fail_just_past_them():
+    checks = _strict_checks(student1=0.775, student4=0.774, quantized1=0.764)
+    assert not checks["student@1 strict alignment ≥ 0.97 × reference"]
+    assert not checks["student@4 ≥ student@1 on strict alignment"]
+    assert not checks["student_q4@1 strict alignment within 0.01 of full precision"]
