@@ -58,6 +58,7 @@ def main(runs: list[tuple[str, int]]) -> None:
                 assert local <= 0.51 * sum(p.numel() for p in module.parameters())
         d.train(progress=False)
     if process.world_size > 1:
+        torch.distributed.barrier()   # no rank tears gloo down while the other still has work in flight
         torch.distributed.destroy_process_group()
 
 
