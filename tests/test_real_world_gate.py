@@ -342,7 +342,8 @@ def test_nano_world_is_the_old_gate_exactly(tmp_path):
     assert torch.equal(world.reference_images(), renders) and world.keep(others) is others
     checks, verdict, headline = world.verdict(expected, {"teacher@20": 1.0, "student@1": 30.0}, "teacher@20")
     assert "teacher@20 alignment ≥ 0.85" in checks and verdict.startswith("teacher@20: alignment ")
-    assert set(headline) == {"teacher@20.alignment", "teacher@1.alignment", "student@1.alignment", "fd_probe_ratio@1"}
+    assert set(headline) == {"teacher@20.alignment", "teacher@1.alignment", "student@1.alignment", "fd_probe_ratio@1",
+                             "teacher@20.strict_alignment", "student@1.strict_alignment"}   # + the detail reader's
 
 
 def test_anima_2b_preset_carries_the_published_2b_recipe():
