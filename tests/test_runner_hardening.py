@@ -231,7 +231,10 @@ def test_a_bug_still_shows_its_traceback(monkeypatch):
 
 def test_make_lab_allows_root_and_stays_on_localhost():
     def lab(uid):
-        return subprocess.run(["make", "-n", "lab", f"LAB_UID={uid}"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip().splitlines()[-1]
+        # a clean environment: under `make test` the inherited MAKEFLAGS add "Entering/Leaving directory" lines
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+        lines = subprocess.run(["make", "--no-print-directory", "-n", "lab", f"LAB_UID={uid}"], cwd=REPO, env=env,
+                               capture_output=True, text=True, check=True).stdout.strip().splitlines()
+        return next(line for line in reversed(lines) if "jupyter" in line)
     assert "--allow-root" in lab(0) and "--allow-root" not in lab(1000)
     assert "--ip=127.0.0.1" in lab(0) and "token" not in lab(0)       # jupyter's default token stays on
