@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from . import checks as checks_mod
 from . import config as config_mod
 from .io import atomic_write_json, atomic_write_text
 
@@ -91,6 +92,20 @@ def write_metrics(params, notebook: str, rows: dict, verdict: str, passed: bool,
     record = {"notebook": notebook, "passed": bool(passed), "verdict": verdict, "headline": headline or {},
               "rows": rows, "incomplete": bool(incomplete), "resume": resume, **extra}
     return atomic_write_json(metrics_file(params, notebook), record)
+
+
+def finish(params, notebook: str, rows: dict, checks, verdict: str, headline: Optional[dict] = None, **extra):
+    """The last cell of a notebook: write the metrics (passed = every check passed) and return the verdict as Markdown
+    for display. `checks` is a list of `checks.Check` (a stage's judge(...) makes them)."""
+    from IPython.display import Markdown  # the notebooks' display layer; the library works without IPython
+
+    non_finite = [f"{name} in {row}" for row, metrics in rows.items() for name, value in metrics.items()
+                  if isinstance(value, float) and not math.isfinite(value)]
+    if non_finite:  # NaN is a failure, not a value: shown as a check so the page and the file agree
+        checks = [*checks, checks_mod.Check(f"every metric is finite (not: {', '.join(non_finite)})", False)]
+    write_metrics(params, notebook, rows=rows, verdict=verdict, passed=checks_mod.all_passed(checks),
+                  headline=headline, checks=checks_mod.as_record(checks), **extra)
+    return Markdown(checks_mod.markdown(checks, verdict))
 
 
 class TrainingPaused(RuntimeError):
