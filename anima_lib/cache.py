@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from . import flow, models, sampler, text
+from .checks import Check
 from .io import atomic_write_bytes, atomic_write_json, sha256_file
 
 CACHE_PRECISIONS = ("f16", "bf16", "q8_0")
@@ -480,11 +481,11 @@ def cache_records(params, components=None) -> tuple[list[PromptRecord], list[str
         raise CacheError(f"cache.prompts_file is required with model.preset = {params.model.preset!r} (a JSONL of id "
                          f"and prompt: the training prompts); a real model's cache never draws nano creature prompts")
     if params.cache.prompts_file:
-        from .config import _resolve
+        from .config import resolve_path
         nano = params.model.preset == "nano"
         limit = NANO_MAX_TOKENS if nano else AnimaComponents.max_tokens
-        records, skipped = read_prompts_jsonl(_resolve(params.cache.prompts_file), max_words=limit if nano else None,
-                                              max_chars=CHARS_PER_TOKEN_CAP * limit)
+        records, skipped = read_prompts_jsonl(resolve_path(params.cache.prompts_file),
+                                              max_words=limit if nano else None, max_chars=CHARS_PER_TOKEN_CAP * limit)
     else:
         records, skipped = nano_prompts(params.cache.n_prompts, seed=params.run.seed), []
     if components is not None:
@@ -538,3 +539,17 @@ def run_cache(params, repair: bool = False, progress: bool = True) -> dict:
             merge_rank_manifests(folder, world_size)
         dist.barrier()
     return {**stats, "skipped_prompts": skipped, "folder": str(folder), "world_size": world_size}
+
+
+# --- 01_cache's checks -------------------------------------------------------------------------------------------------
+
+Q8_0_MIN_WORST_ROW_COSINE = 0.999  # the phone's 8-bit text path keeps every token's context direction to this cosine
+
+
+def judge(n_cached: int, n_prompts: int, verified: dict, q8_0_worst_row_cosine: float) -> list[Check]:
+    """01's checks: every prompt is cached, every shard verifies (`verify_cache`'s report), and the Q8_0 contexts'
+    worst-row cosine to the full-precision text path is at least Q8_0_MIN_WORST_ROW_COSINE."""
+    return [Check(f"every prompt cached ({n_cached}/{n_prompts})", n_cached == n_prompts),
+            Check(f"every shard verifies ({len(verified['ok'])}/{verified['expected']})", not verified["bad"]),
+            Check(f"Q8_0 worst-row cosine ≥ {Q8_0_MIN_WORST_ROW_COSINE} ({q8_0_worst_row_cosine:.6f})",
+                  q8_0_worst_row_cosine >= Q8_0_MIN_WORST_ROW_COSINE)]

@@ -11,16 +11,21 @@ Two layouts:
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import AnimaTextConditioner, AutoencoderKLQwenImage, CosmosTransformer3DModel
-from transformers import AutoTokenizer, Qwen3Model
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
 
+from . import comfy_keys
 from .io import NonFiniteWeightsError, check_finite
-from .models import AnimaComponents, PixelShuffleCodec, VAECodec, cast_floating
+from .networks import (ANIMA_2B_CONDITIONER, ANIMA_2B_TEXT_ENCODER, ANIMA_2B_TRANSFORMER, AnimaComponents,
+                       PixelShuffleCodec, VAECodec, cast_floating)
 
 COMPONENT_CLASSES = {
     "transformer": ("diffusers", "CosmosTransformer3DModel"),
@@ -49,7 +54,6 @@ def _check_finite(tensors: dict, source: str) -> dict:
 
 
 def _load_finite(path: Path) -> dict:
-    from safetensors.torch import load_file
     return _check_finite(load_file(path), str(path))
 
 
@@ -133,13 +137,11 @@ def _require_file(path, what: str) -> Path:
 
 
 def _count(state: dict, pattern: str) -> int:
-    import re
     return len({m[1] for k in state if (m := re.match(pattern, k))})
 
 
 def transformer_config_from_state(state: dict) -> dict:
     """CosmosTransformer3DModel settings read off diffusers-named weights; non-shape settings are the real Anima's."""
-    from .models import ANIMA_2B_TRANSFORMER
     patch = ANIMA_2B_TRANSFORMER["patch_size"]
     patch_area = patch[0] * patch[1] * patch[2]
     hidden, patch_in = state["patch_embed.proj.weight"].shape
@@ -155,7 +157,6 @@ def transformer_config_from_state(state: dict) -> dict:
 
 
 def conditioner_config_from_state(state: dict) -> dict:
-    from .models import ANIMA_2B_CONDITIONER
     vocab, target_dim = state["embed.weight"].shape
     model_dim = state["blocks.0.cross_attn.q_proj.weight"].shape[1]
     head_dim = state["blocks.0.cross_attn.q_norm.weight"].shape[0]
@@ -167,7 +168,6 @@ def conditioner_config_from_state(state: dict) -> dict:
 
 
 def text_encoder_config_from_state(state: dict) -> dict:
-    from .models import ANIMA_2B_TEXT_ENCODER
     vocab, hidden = state["embed_tokens.weight"].shape
     head_dim = state["layers.0.self_attn.q_norm.weight"].shape[0]
     return {**ANIMA_2B_TEXT_ENCODER, "vocab_size": vocab, "hidden_size": hidden, "head_dim": head_dim,
@@ -178,7 +178,6 @@ def text_encoder_config_from_state(state: dict) -> dict:
 
 
 def _load_strict(module_cls, config: dict, state: dict, what: str, torch_dtype):
-    from accelerate import init_empty_weights
     with init_empty_weights():
         module = module_cls(**config)
     expected = set(module.state_dict())
@@ -195,8 +194,6 @@ def load_comfy_split(diffusion_model_file, text_encoder_file, vae_file, tokenize
                      torch_dtype: torch.dtype = torch.float32) -> AnimaComponents:
     """Anima from ComfyUI's split files (+ a local folder with tokenizer/ and t5_tokenizer/); a file holding NaN/Inf
     is refused (NonFiniteCheckpointError naming the file and the tensor)."""
-    from transformers import Qwen3Config
-    from . import comfy_keys
     dit_path = _require_file(diffusion_model_file, "model.comfy_diffusion_model")
     te_path = _require_file(text_encoder_file, "model.comfy_text_encoder")
     vae_path = _require_file(vae_file, "model.comfy_vae")
@@ -227,8 +224,6 @@ def load_comfy_split(diffusion_model_file, text_encoder_file, vae_file, tokenize
 
 def save_comfy_split(components: AnimaComponents, folder) -> dict[str, Path]:
     """Write ComfyUI-layout files (what the real release ships); returns the paths by parameter name."""
-    from safetensors.torch import save_file
-    from . import comfy_keys
     if components.vae is None:
         raise ValueError("ComfyUI split files need a VAE (the nano pixel-shuffle codec has no weights)")
     folder = Path(folder)

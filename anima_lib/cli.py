@@ -1,6 +1,6 @@
 """`anima` command line.
 
-  anima run params/nano.yaml [--only 05_quality_gate ...] [--set section.key=value ...]
+  anima run params/nano.yaml [--only 05_quality_gate ...] [--set section.key=value ...] [--with-code]
   anima params params/nano.yaml [--set ...]     validate and print the resolved parameters
   anima params --describe                       every parameter with its default and meaning
   anima cache build params/nano.yaml [--set ...]     build or resume the run's cache (also under torchrun)
@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     run.add_argument("--only", action="append", metavar="NOTEBOOK", help="run only this notebook (repeatable)")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                      help="override a parameter (repeatable), e.g. --set gate.n_prompts=4")
+    run.add_argument("--with-code", action="store_true", help="HTML pages with every code cell open (default: "
+                     "folded under a 'code' line that one click opens)")
     show = sub.add_parser("params", help="validate a preset and print the resolved parameters")
     show.add_argument("preset", nargs="?", default="nano")
     show.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides")
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
         if args.command == "distill":
             return _distill(args)
         from .report import run_pipeline  # papermill and friends only once the parameters are valid
-        return run_pipeline(args.preset, args.overrides, args.only)
+        return run_pipeline(args.preset, args.overrides, args.only, with_code=args.with_code)
     except config.ConfigError as exc:
         print(f"anima: parameter error: {exc}", file=sys.stderr)
         return 2

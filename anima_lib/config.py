@@ -167,6 +167,9 @@ class GateParams:
                             bounds=(16, 4096))
     batch_size: int = _spec(128, help="images sampled per batch (teacher and student rows); numbers do not depend on it",
                             check=_positive, bounds=(1, MAX_BATCH))
+    reuse_samples: bool = _spec(False, help="store each teacher-sampler row (outputs/<run>/samples, sha256-checked) so "
+                                            "later notebooks read it instead of sampling it again (nano: 03, 05 and 06 "
+                                            "share teacher@T); off for 1024² images (≈12 MB each)")
     prompts_file: Optional[typing.Union[str, list[str]]] = _spec(
         None, help="real presets: the evaluation prompts, one JSONL file or a list of them (id, prompt, optional "
                    "category per line; ids unique across files; no prompt of cache.prompts_file); required when "
@@ -289,12 +292,24 @@ class QuantParams:
     bits: int = _spec(4, help="MLX-affine bits of the DiT's default layers", allowed=(3, 4, 8), bounds=(3, 8))
     group_size: int = _spec(32, help="MLX-affine group size (consecutive input features sharing a scale and bias)",
                             allowed=(32, 64, 128), bounds=(32, 128))
-    method: str = _spec("search", help="'minmax' (exactly mlx.core.quantize), 'rerround' (codes re-chosen with the "
-                                       "stored scale/bias) or 'search' (clip search + least-squares refit)",
-                        allowed=("minmax", "rerround", "search"))
+    method: str = _spec("search", help="how codes and scales are chosen, all in the same MLX-affine file: 'minmax' "
+                                       "(exactly mlx.core.quantize), 'rerround' (codes re-chosen with the stored "
+                                       "scale/bias), 'search' (clip search + least-squares refit), 'awq' (activation-"
+                                       "aware: scales folded into to_v/to_out, activation-weighted fit) or 'gptq' "
+                                       "(error feedback through each layer's input Hessian); awq and gptq calibrate "
+                                       "on the student's own sampler inputs",
+                        allowed=("minmax", "rerround", "search", "awq", "gptq"))
     sensitivity_threshold: float = _spec(
         0.999, help="a layer whose single-layer output cosine at the default format is below this goes to 8 bits",
         check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]", bounds=(0, 1))
+    sensitivity: str = _spec("cosine", help="which layers go to 8 bits: 'cosine' (single-layer output cosine below "
+                                            "sensitivity_threshold) or 'detail' (also every layer whose single-layer "
+                                            "quantization drops the detail-strict reader's prompted-eyes probability "
+                                            "by more than detail_threshold; nano worlds only)",
+                             allowed=("cosine", "detail"))
+    detail_threshold: float = _spec(0.01, help="quant.sensitivity: detail: the eyes-probability drop (0-1) above "
+                                               "which a layer goes to 8 bits",
+                                    check=lambda v: None if 0 <= v <= 1 else "must be in [0, 1]", bounds=(0, 1))
     text_encoder: str = _spec("q8_0", help="text encoder format on the phone", allowed=("q8_0",))
 
 
@@ -371,6 +386,67 @@ class LoraParams:
                                   bounds=(1, MAX_STEPS))
 
 
+def _subset_of(allowed):
+    def check(values):
+        bad = [x for x in values if x not in allowed]
+        if bad:
+            return f"each entry must be one of {list(allowed)} (got {bad})"
+        return "must not repeat an entry" if len(set(values)) != len(values) else None
+    return check
+
+
+def _second_times(values):
+    if not values or any(not (0 < t < 1.5707963) for t in values) or len(set(values)) != len(values):
+        return "must be a non-empty list of distinct TrigFlow times strictly inside (0, pi/2)"
+    return None
+
+
+@dataclass
+class LoraTransferParams:
+    sources: list[str] = _spec(help="which of 06's LoRAs 07 transfers to the student: 'teacher' (trained on the "
+                                    "teacher), 'deturbo' (trained on student+A)", check=_each_in(("teacher", "deturbo")),
+                               default_factory=lambda: ["teacher", "deturbo"])
+    init: str = _spec("lora", help="L' starts as the source LoRA ('lora') or as no change ('zeros')",
+                      allowed=("lora", "zeros"))
+    ablations: list[str] = _spec(help="extra transfers of the first source, each with one setting flipped: 'init' "
+                                      "(lora <-> zeros), 'regression' (on <-> off); [] for none",
+                                 check=_subset_of(("init", "regression")), default_factory=lambda: ["init", "regression"])
+    generator_steps: int = _spec(200, help="optimizer steps of L' (each after fake_updates fake-score steps); decides "
+                                           "what is trained", check=_positive, bounds=(1, MAX_STEPS))
+    fake_updates: int = _spec(4, help="fake-score LoRA updates per L' update (rCM's F - 1)", check=_positive,
+                              bounds=(1, 100))
+    minutes: float = _spec(30.0, help="time budget per transfer and invocation: training pauses after a checkpoint "
+                                      "(rerun to resume); generator_steps decides what is trained", check=_positive,
+                           bounds=(0, MAX_MINUTES))
+    batch_size: int = _spec(32, help="prompts per step", check=_positive, bounds=(1, MAX_BATCH))
+    lr: float = _spec(1e-3, help="AdamW learning rate of L'", check=_positive, bounds=(0, MAX_LR))
+    fake_lr: float = _spec(1e-3, help="AdamW learning rate of the fake-score LoRA", check=_positive,
+                           bounds=(0, MAX_LR))
+    fake_rank: int = _spec(16, help="rank (= alpha) of the fake-score LoRA on teacher+L", check=_lora_rank,
+                           bounds=(1, 512))
+    ema_decay: float = _spec(0.95, help="EMA of L' (what is saved)",
+                             check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)", bounds=(0, 1))
+    max_rollout: int = _spec(2, help="generator rollouts of 1..N steps at the student sampler's times (gradient "
+                                     "through the last step only)", check=_positive, bounds=(1, 4))
+    caption_dropout: float = _spec(0.1, help="fraction of prompts replaced by the negative prompt (keeps the "
+                                             "unconditional branch styled, so CFG stays meaningful)",
+                                   check=_fraction, bounds=(0, 1))
+    generic_prompts: int = _spec(128, help="generic prompts beside the style captions (nano: creatures of their own "
+                                           "draw; a real preset: cache prompts)", check=_non_negative,
+                                 bounds=(0, 1_000_000))
+    regression: bool = _spec(False, help="add the regression of L''s 1-step output onto teacher+L samples from the "
+                                         "same noise (cached once)")
+    regression_weight: float = _spec(1.0, help="weight of the sum-reduced regression term (DMD's weight is 1)",
+                                     check=_positive, bounds=(0, 1e6))
+    regression_samples: int = _spec(256, help="teacher+L samples made once for the regression",
+                                    check=_positive, bounds=(1, 1_000_000))
+    second_times: list[float] = _spec(help="07's zero-cost arm: 2-step sampler second times swept with the "
+                                           "untransferred LoRA", check=_second_times, bounds=(0, math.pi / 2),
+                                      default_factory=lambda: [1.3, 1.0, 0.8, 0.6])
+    checkpoint_every: int = _spec(100, help="iterations (L' and fake-score steps) between atomic checkpoints",
+                                  check=_positive, bounds=(1, MAX_STEPS))
+
+
 @dataclass
 class Params:
     run: RunParams = field(default_factory=RunParams)
@@ -383,6 +459,7 @@ class Params:
     quant: QuantParams = field(default_factory=QuantParams)
     deturbo: DeturboParams = field(default_factory=DeturboParams)
     lora: LoraParams = field(default_factory=LoraParams)
+    lora_transfer: LoraTransferParams = field(default_factory=LoraTransferParams)
     source: str = "<defaults>"  # the file the values came from, for messages
 
     def to_dict(self) -> dict:
@@ -390,16 +467,17 @@ class Params:
 
     # Resolved locations, relative paths taken from the repo root so notebooks and the CLI agree.
     def output_path(self) -> Path:
-        return _resolve(self.run.output_dir) / self.run.name
+        return resolve_path(self.run.output_dir) / self.run.name
 
     def report_root(self) -> Path:
-        return _resolve(self.run.report_dir)
+        return resolve_path(self.run.report_dir)
 
     def report_name(self) -> str:
         return f"{self.run.name}-{self.run.tag}" if self.run.tag else self.run.name
 
 
-def _resolve(p: str) -> Path:
+def resolve_path(p: str) -> Path:
+    """A path parameter as a path: `~` expanded, a relative path taken from the repository root."""
     path = Path(os.path.expanduser(p))
     return path if path.is_absolute() else REPO_ROOT / path
 
@@ -407,7 +485,8 @@ def _resolve(p: str) -> Path:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Params) if f.name != "source"}
 _SECTION_CLASSES = {"run": RunParams, "model": ModelParams, "sampler": SamplerParams, "gate": GateParams,
                     "teacher": TeacherParams, "cache": CacheParams, "distill": DistillParams,
-                    "quant": QuantParams, "deturbo": DeturboParams, "lora": LoraParams}
+                    "quant": QuantParams, "deturbo": DeturboParams, "lora": LoraParams,
+                    "lora_transfer": LoraTransferParams}
 
 
 def _type_ok(value, annotation) -> bool:
@@ -577,17 +656,20 @@ def load_config(preset: str | os.PathLike = "nano", overrides: list[str] | dict 
         if not source.endswith(source_note):
             source += source_note
     params = Params(**{name: _build_section(name, raw.get(name, {}), source) for name in SECTIONS}, source=source)
-    if params.cache.prompts_file is not None and not _resolve(params.cache.prompts_file).is_file():
+    if params.cache.prompts_file is not None and not resolve_path(params.cache.prompts_file).is_file():
         raise ConfigError(f"{source}: cache.prompts_file = {params.cache.prompts_file!r}: no such file")
     for key in ("p_g", "p_d"):
         value = getattr(params.distill, key)
         if len(value) != 2 or value[1] <= 0:
             raise ConfigError(f"{source}: distill.{key} = {value} must be [mean, std] with std > 0")
-    if params.distill.checkpoint != "last" and not _resolve(params.distill.checkpoint).is_file():
+    if params.distill.checkpoint != "last" and not resolve_path(params.distill.checkpoint).is_file():
         raise ConfigError(f"{source}: distill.checkpoint = {params.distill.checkpoint!r}: no such file (use 'last' or "
                           f"an ema_<iteration>.safetensors written by 02_distill)")
     if params.model.preset == "nano":
         _check_nano_negative_prompt(params)
+    elif params.quant.sensitivity == "detail":  # the detail-strict reader reads nano creatures only
+        raise ConfigError(f"{source}: quant.sensitivity = 'detail' needs the nano world's detail-strict reader; with "
+                          f"model.preset = {params.model.preset!r} use quant.sensitivity: cosine")
     if params.sampler.teacher_steps not in params.gate.teacher_steps:
         raise ConfigError(f"{source}: gate.teacher_steps = {params.gate.teacher_steps} must include "
                           f"sampler.teacher_steps = {params.sampler.teacher_steps} (the gate's reference row)")
@@ -608,7 +690,7 @@ def load_config(preset: str | os.PathLike = "nano", overrides: list[str] | dict 
 def gate_prompt_files(params) -> list[Path]:
     """gate.prompts_file as a list of resolved paths (one file or a list of them; none on nano presets)."""
     value = params.gate.prompts_file
-    return [_resolve(f) for f in ([value] if isinstance(value, str) else value or [])]
+    return [resolve_path(f) for f in ([value] if isinstance(value, str) else value or [])]
 
 
 def _check_evaluation_world(p: Params) -> None:
@@ -639,10 +721,10 @@ def _check_evaluation_world(p: Params) -> None:
                               f"use at most {held} (or add prompts)")
     for key, name in (("inception_weights", INCEPTION_WEIGHTS_FILE), ("clip_checkpoint", CLIP_CHECKPOINT_FILE)):
         value = getattr(g, key)
-        if value is not None and not _resolve(value).is_file():
+        if value is not None and not resolve_path(value).is_file():
             raise ConfigError(f"{src}: gate.{key} = {value!r}: no such file (expected a local {name}; nothing is "
                               f"downloaded)")
-    if p.lora.style_folder is not None and not _resolve(p.lora.style_folder).is_dir():
+    if p.lora.style_folder is not None and not resolve_path(p.lora.style_folder).is_dir():
         raise ConfigError(f"{src}: lora.style_folder = {p.lora.style_folder!r}: no such folder (a folder of "
                           f"images with same-name .txt captions, or null for the nano renderer's style mode)")
 
@@ -667,7 +749,7 @@ def _check_nano_negative_prompt(p: Params) -> None:
 def _check_model_paths(p: Params) -> None:
     m, src = p.model, p.source
     if m.preset == "nano":
-        if m.nano_weights not in ("shipped", "random") and not _resolve(m.nano_weights).is_dir():
+        if m.nano_weights not in ("shipped", "random") and not resolve_path(m.nano_weights).is_dir():
             raise ConfigError(f"{src}: model.nano_weights = {m.nano_weights!r}: no such folder "
                               f"(allowed: 'shipped', 'random' or a weights folder)")
         return
@@ -677,20 +759,21 @@ def _check_model_paths(p: Params) -> None:
         raise ConfigError(f"{src}: model.preset = 'anima-2b' needs local checkpoint paths: set model.diffusers_dir "
                           f"(Anima-Base-v1.0-Diffusers folder) or all of {sorted(comfy)}; nothing is downloaded")
     if m.diffusers_dir is not None:
-        if not _resolve(m.diffusers_dir).is_dir():
+        if not resolve_path(m.diffusers_dir).is_dir():
             raise ConfigError(f"{src}: model.diffusers_dir = {m.diffusers_dir!r}: no such folder")
         return
     for key, value in comfy.items():
         if value is None:
             raise ConfigError(f"{src}: {key} is missing; ComfyUI split files need all of {sorted(comfy)}")
-        exists = _resolve(value).is_dir() if key == "model.tokenizer_dir" else _resolve(value).is_file()
+        exists = resolve_path(value).is_dir() if key == "model.tokenizer_dir" else resolve_path(value).is_file()
         if not exists:
             raise ConfigError(f"{src}: {key} = {value!r}: no such {'folder' if key.endswith('dir') else 'file'}")
 
 
 def _check_writable(p: Params) -> None:
     """Validation creates nothing: the folder, or its nearest existing ancestor, must be a writable directory."""
-    for key, folder in (("run.output_dir", _resolve(p.run.output_dir)), ("run.report_dir", _resolve(p.run.report_dir))):
+    for key, folder in (("run.output_dir", resolve_path(p.run.output_dir)),
+                        ("run.report_dir", resolve_path(p.run.report_dir))):
         existing = folder
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import flow, models, sampler, text
+from . import models, sampler, text
 from .io import atomic_write_json, load_finite
 from .quant.packed import QuantizedLinear
 from .text import worst_row_cosine
@@ -54,9 +54,7 @@ def write(folder: Path, components: models.AnimaComponents, student: torch.nn.Mo
         "qwen_ids": qwen.input_ids, "qwen_mask": qwen.attention_mask, "t5_ids": t5.input_ids,
         "t5_mask": t5.attention_mask, "context": context})
 
-    def velocity(x, s, c):
-        return models.transformer_velocity(student, x, s, c)
-
+    velocity = models.velocity_fn(student)
     generator = torch.Generator().manual_seed(seed)
     shape = (len(prompts), *components.latent_shape(params.gate.image_size))
     device = models.device_of(student)
@@ -66,11 +64,10 @@ def write(folder: Path, components: models.AnimaComponents, student: torch.nn.Mo
         "x": x, "sigma": sigma, "context": context, "velocity": velocity(x, sigma, context)})
     for k in steps:
         noises = [models.randn(shape, generator, device) for _ in range(k)]
-        trig_times = flow.student_trig_times(k, params.sampler.sigma_max, params.sampler.student_mid_times)
         trace: list = []
-        final = sampler.consistency_sample(velocity, noises, trig_times, context, trace=trace)
+        final = sampler.student_sample(student, noises, context, params, trace=trace)
         tensors = {f"noise.{i}": n for i, n in enumerate(noises)}
-        tensors["trig_times"] = torch.tensor(trig_times, dtype=torch.float64)
+        tensors["trig_times"] = torch.tensor(sampler.student_times(params, k), dtype=torch.float64)
         for i, step in enumerate(trace):
             tensors.update({f"step{i}.{key}": value for key, value in step.items()})
         tensors.update(final=final, image=components.codec.decode(final).float())
@@ -97,9 +94,7 @@ def replay(folder: Path, components: models.AnimaComponents, student: torch.nn.M
     context = text.text_path_at(components, "q8_0").encode_prompts(index["prompts"]).float()
     results["text.context"] = worst_row_cosine(context, stored_text["context"])
 
-    def velocity(x, s, c):
-        return models.transformer_velocity(student, x, s, c)
-
+    velocity = models.velocity_fn(student)
     dit = load_finite(folder / "dit.safetensors")
     results["dit.velocity"] = worst_row_cosine(_latent_rows(velocity(dit["x"], dit["sigma"], dit["context"])),
                                                _latent_rows(dit["velocity"]))

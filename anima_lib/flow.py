@@ -32,14 +32,14 @@ def teacher_sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:
     return torch.cat([shift_sigmas(base, shift), torch.zeros(1, dtype=torch.float64)])
 
 
-def _bcast(s, like: torch.Tensor) -> torch.Tensor:
-    """A scalar or per-sample [B] time broadcast against a [B, ...] tensor."""
+def broadcast_time(s, like: torch.Tensor) -> torch.Tensor:
+    """A scalar or per-sample [B] time as a tensor in `like`'s dtype and device, shaped to broadcast against it."""
     s = torch.as_tensor(s, dtype=like.dtype, device=like.device)
     return s.reshape(-1, *([1] * (like.ndim - 1))) if s.ndim == 1 else s
 
 
 def rf_noisy(x0: torch.Tensor, eps: torch.Tensor, s) -> torch.Tensor:
-    s = _bcast(s, x0)
+    s = broadcast_time(s, x0)
     return (1 - s) * x0 + s * eps
 
 
@@ -48,11 +48,11 @@ def rf_velocity(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 
 def velocity_to_x0(x_s: torch.Tensor, velocity: torch.Tensor, s) -> torch.Tensor:
-    return x_s - _bcast(s, x_s) * velocity
+    return x_s - broadcast_time(s, x_s) * velocity
 
 
 def velocity_to_eps(x_s: torch.Tensor, velocity: torch.Tensor, s) -> torch.Tensor:
-    return x_s + (1 - _bcast(s, x_s)) * velocity
+    return x_s + (1 - broadcast_time(s, x_s)) * velocity
 
 
 def cfg_velocity(uncond_velocity: torch.Tensor, cond_velocity: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -76,18 +76,18 @@ def rf_to_trig_time(s):
 
 
 def trig_to_rf_state(x_t: torch.Tensor, trig_time) -> torch.Tensor:
-    t = _bcast(trig_time, x_t)
+    t = broadcast_time(trig_time, x_t)
     return x_t / (torch.cos(t) + torch.sin(t))
 
 
 def rf_to_trig_state(x_s: torch.Tensor, trig_time) -> torch.Tensor:
-    t = _bcast(trig_time, x_s)
+    t = broadcast_time(trig_time, x_s)
     return x_s * (torch.cos(t) + torch.sin(t))
 
 
 def trig_velocity(x_t: torch.Tensor, rf_velocity_: torch.Tensor, trig_time) -> torch.Tensor:
     """TrigFlow velocity F from the RF velocity at the matched time; the closed form has no 1/sin t blow-up."""
-    t = _bcast(trig_time, x_t)
+    t = broadcast_time(trig_time, x_t)
     cos_t, sin_t = torch.cos(t), torch.sin(t)
     return ((cos_t - sin_t) * x_t + rf_velocity_) / (cos_t + sin_t)
 

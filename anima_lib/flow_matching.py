@@ -84,7 +84,8 @@ def warmup_lr(lr: float, warmup_steps: int, step: int) -> float:
     return lr * min(1.0, (step + 1) / max(1, warmup_steps))
 
 
-def _optimizer_state_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as flat tensors keyed "<parameter name>::<state key>" (a safetensors file)."""
     out = {}
     for index, name in enumerate(names):
         for key, value in optimizer.state_dict()["state"].get(index, {}).items():
@@ -92,7 +93,8 @@ def _optimizer_state_tensors(optimizer: torch.optim.Optimizer, names: list[str])
     return out
 
 
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict) -> None:
+def load_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict) -> None:
+    """Put back what optimizer_state_tensors wrote, matched by parameter name."""
     state = optimizer.state_dict()
     state["state"] = {}
     for index, name in enumerate(names):
@@ -134,7 +136,7 @@ def train_flow_matching(modules: dict[str, torch.nn.Module], velocity_fn: Callab
             for k, p in named.items():
                 p.copy_(weights[k])
         ema.shadow = {k: v.float() for k, v in load_finite(last / "ema.safetensors").items()}
-        _load_optimizer_state(optimizer, names, load_finite(last / "optimizer.safetensors"))
+        load_optimizer_state(optimizer, names, load_finite(last / "optimizer.safetensors"))
         generator.set_state(load_file(last / "rng.safetensors")["generator"])
         step, wall_s, losses = meta["step"], meta["wall_s"], meta["losses"]
     bar = None
@@ -149,7 +151,7 @@ def train_flow_matching(modules: dict[str, torch.nn.Module], velocity_fn: Callab
         staging.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous() for k, v in named.items()}, staging / "weights.safetensors")
         save_file(ema.shadow, staging / "ema.safetensors")
-        save_file(_optimizer_state_tensors(optimizer, names), staging / "optimizer.safetensors")
+        save_file(optimizer_state_tensors(optimizer, names), staging / "optimizer.safetensors")
         save_file({"generator": generator.get_state()}, staging / "rng.safetensors")
         atomic_write_json(staging / "state.json", {"step": step, "wall_s": time.perf_counter() - started,
                                                    "losses": losses, "config": asdict(cfg)})

@@ -14,14 +14,19 @@ Per nano row (see anima_lib.metrics for the probe metrics):
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import save as safetensors_save
 
 from . import flow, metrics, models, sampler
+from .io import NonFiniteWeightsError, atomic_write_bytes, atomic_write_json, load_finite, sha256_file
 
 GATE_PROMPT_SEED_OFFSET = 1_000   # gate prompts never coincide with prompts drawn from run.seed elsewhere
 RENDER_SEED_OFFSET = 500_000      # jitter seeds of the renderer reference, outside the teacher's training pool
@@ -104,8 +109,8 @@ def _check_disjoint(params, prompts: list[EvalPrompt]) -> None:
     if params.cache.prompts_file is None:
         return
     from .cache import read_prompts_jsonl
-    from .config import ConfigError, _resolve
-    training, _ = read_prompts_jsonl(_resolve(params.cache.prompts_file))
+    from .config import ConfigError, resolve_path
+    training, _ = read_prompts_jsonl(resolve_path(params.cache.prompts_file))
     seen = {normalized_prompt(r.prompt): r.id for r in training}
     shared = [f"{p.id} = {seen[normalized_prompt(p.prompt)]}" for p in prompts if normalized_prompt(p.prompt) in seen]
     if shared:
@@ -160,10 +165,50 @@ def render_reference(params, gate: GateSet, stream: int = MAIN, style: bool = Fa
     return render_batch(creatures, seeds, params.gate.image_size, style)
 
 
+def samples_folder(params) -> Path:
+    return params.output_path() / "samples"
+
+
+def _teacher_row_key(components, params, gate: GateSet, steps: int, stream: int) -> str:
+    """Everything a teacher-sampler row depends on: the DiT's weights, the model preset (text encoder, VAE), the
+    sampler settings, the gate set and the noise stream."""
+    what = {"transformer": models.weights_digest(components.transformer), "model": dataclasses.asdict(params.model),
+            "steps": steps, "shift": params.sampler.shift, "guidance_scale": params.sampler.guidance_scale,
+            "negative_prompt": params.sampler.negative_prompt, "image_size": params.gate.image_size,
+            "seed": params.run.seed, "stream": stream, "prompts": gate.prompts, "image_prompt": gate.image_prompt,
+            "image_seed": gate.image_seed}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _reused_row(path: Path) -> Optional[torch.Tensor]:
+    """A stored row, if its file matches the sha256 recorded beside it (anything else is recomputed)."""
+    record = path.with_suffix(".json")
+    try:
+        if path.is_file() and record.is_file() and json.loads(record.read_text())["sha256"] == sha256_file(path):
+            return load_finite(path)["images"]
+    except (ValueError, KeyError, OSError, NonFiniteWeightsError):
+        pass
+    return None
+
+
 @torch.no_grad()
 def sample_teacher(components, params, gate: GateSet, steps: int, stream: int = MAIN,
                    batch_size: int = 128) -> torch.Tensor:
-    """Images [n_images, 3, H, W] in [0,1] from the teacher's Euler sampler with CFG."""
+    """Images [n_images, 3, H, W] in [0,1] from the teacher's Euler sampler with CFG. With gate.reuse_samples, a row
+    is sampled once per run and read back bit-identical by every later notebook (03, 05 and 06 share teacher@T)."""
+    if not params.gate.reuse_samples:
+        return _sample_teacher(components, params, gate, steps, stream, batch_size)
+    path = samples_folder(params) / f"teacher-{_teacher_row_key(components, params, gate, steps, stream)}.safetensors"
+    images = _reused_row(path)
+    if images is None:
+        images = _sample_teacher(components, params, gate, steps, stream, batch_size)
+        atomic_write_bytes(path, safetensors_save({"images": images.contiguous()}))
+        atomic_write_json(path.with_suffix(".json"), {"sha256": sha256_file(path), "steps": steps, "stream": stream,
+                                                     "n_images": len(images)})
+    return images
+
+
+def _sample_teacher(components, params, gate: GateSet, steps: int, stream: int, batch_size: int) -> torch.Tensor:
     device, dtype = components.transformer.device, components.transformer.dtype
     noise = gate_noise(params, components.latent_shape(params.gate.image_size), gate, stream)
     context = components.encode_prompts(gate.prompts)[gate.image_prompt]
@@ -189,17 +234,11 @@ def sample_student(student, components, params, gate: GateSet, steps: int, preci
     shape = components.latent_shape(params.gate.image_size)
     noises = [gate_noise(params, shape, gate, MAIN)] + [gate_noise(params, shape, gate, 2 + k) for k in range(steps - 1)]
     context = text.text_path_at(components, precision).encode_prompts(gate.prompts).float()[gate.image_prompt]
-    trig_times = flow.student_trig_times(steps, params.sampler.sigma_max, params.sampler.student_mid_times)
-    device, dtype = next(student.parameters()).device, next(student.parameters()).dtype
-
-    def velocity(x, sigma, ctx):
-        return models.transformer_velocity(student, x, sigma, ctx)
-
+    dtype = next(student.parameters()).dtype
     images = []
-    for start in range(0, len(noises[0]), batch_size):
+    for start in range(0, len(noises[0]), batch_size):   # decoded per batch: only one batch of latents at a time
         sl = slice(start, start + batch_size)
-        latents = sampler.consistency_sample(velocity, [n[sl].to(device, dtype) for n in noises], trig_times,
-                                             context[sl].to(device, dtype))
+        latents = sampler.student_sample(student, [n[sl] for n in noises], context[sl], params, dtype=dtype)
         images.append(components.codec.decode(latents).float().cpu())
     return torch.cat(images)
 

@@ -1,5 +1,6 @@
-"""Style LoRAs on the Anima DiT: adapters (peft through diffusers), style data, flow-matching training, and files that
-diffusers and ComfyUI load.
+"""Style LoRAs on the Anima DiT: adapters (peft through diffusers), flow-matching training, and files that diffusers
+and ComfyUI load. (Style data and 06's survival experiment: lora_survival; 07's transfer to the student:
+lora_transfer.)
 
 A LoRA is a `LoraWeights`: per target Linear a down matrix A [r, in] and an up matrix B [out, r], one scale alpha / r.
 `fused(transformer, [(lora, strength), ...])` returns a plain copy of the transformer with W + strength·scale·B·A in
@@ -11,9 +12,6 @@ Files (one folder per LoRA, written atomically):
                                     a pipeline with AnimaLoraLoaderMixin loads it (`load_lora_weights(folder)`)
   comfy_lora.safetensors            ComfyUI keys "diffusion_model.<module>.lora_{A,B}.weight", scale folded into B
   manifest.json                     rank, alpha, what it was trained on and how, sha256 of both files
-
-Style data is a folder of images with same-name .txt captions (what LoRA trainers use), checked up front; the nano
-preset writes one from the renderer's style mode.
 """
 from __future__ import annotations
 
@@ -25,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 from diffusers.loaders import AnimaLoraLoaderMixin
 
@@ -38,7 +35,6 @@ TARGET_MODULES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "a
 LORA_FILE = "pytorch_lora_weights.safetensors"
 COMFY_FILE = "comfy_lora.safetensors"
 MANIFEST = "manifest.json"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TRAINING_ADAPTER = "learned"  # not "train": a ModuleDict key may not shadow nn.Module.train
 
 
@@ -48,10 +44,6 @@ class LoraError(ValueError):
 
 class NonFiniteLoraError(LoraError, NonFiniteWeightsError):
     """A LoRA file holding NaN/Inf; the message names the file and the tensor (caught as either parent)."""
-
-
-class StyleDataError(ValueError):
-    """A style folder with unreadable images, missing or bad captions, or images of the wrong size."""
 
 
 # --- the LoRA itself ---------------------------------------------------------------------------------------------------
@@ -140,17 +132,23 @@ def add_adapter(transformer: torch.nn.Module, rank: int, alpha: float, name: str
     """A trainable peft LoRA on the target linears; everything else frozen. peft draws lora_A's initial values from
     the global RNG, which torch seeds at random per process: with `seed`, they are drawn from that seed instead (and
     the global RNG is left as it was), so a LoRA trains to the same weights in every run."""
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
     check_rank(transformer, rank)
     transformer.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TARGET_MODULES), init_lora_weights=True)
+
+    def add():
+        if hasattr(transformer, "add_adapter"):   # diffusers' PeftAdapterMixin: the DiT
+            transformer.add_adapter(config, adapter_name=name)
+        else:   # any torch module with target-named Linears (the 2-D toys of the transfer tests): peft itself
+            inject_adapter_in_model(config, transformer, adapter_name=name)
     if seed is None:
-        transformer.add_adapter(config, adapter_name=name)
+        add()
         return
     device = models.device_of(transformer)
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        transformer.add_adapter(config, adapter_name=name)
+        add()
 
 
 def _split_matrices(state: dict, prefix: str = "") -> tuple[dict, dict]:
@@ -270,95 +268,6 @@ def load_with_diffusers(transformer: torch.nn.Module, path, adapter_name: str) -
     _LoraPipeline(transformer).load_lora_weights(str(path), adapter_name=adapter_name)
 
 
-# --- style data --------------------------------------------------------------------------------------------------------
-
-def _list_problems(problems: list[str], folder: Path) -> str:
-    shown = "\n  ".join(problems[:20])
-    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-    return f"{folder}: {len(problems)} problem(s) in the style folder:\n  {shown}{more}"
-
-
-def validate_style_folder(folder, image_size: int, check_caption: Optional[Callable[[str], Optional[str]]] = None
-                          ) -> list[tuple[Path, str]]:
-    """[(image path, caption)] of a style folder, or StyleDataError listing every problem at once: unreadable images,
-    missing or empty captions, sizes other than image_size², captions `check_caption` rejects, captions without images."""
-    from PIL import Image
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise StyleDataError(f"{folder}: no such style folder")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise StyleDataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) with same-name .txt captions")
-    problems, items = [], []
-    for path in images:
-        caption_path = path.with_suffix(".txt")
-        try:
-            with Image.open(path) as img:
-                img.load()
-                size = img.size
-        except Exception as exc:  # PIL raises many kinds for a broken file; all mean "unreadable"
-            problems.append(f"{path.name}: unreadable image ({type(exc).__name__})")
-            continue
-        if size != (image_size, image_size):
-            problems.append(f"{path.name}: size {size[0]}x{size[1]}, expected {image_size}x{image_size}")
-        if not caption_path.is_file():
-            problems.append(f"{path.name}: missing caption {caption_path.name}")
-            continue
-        caption = caption_path.read_text(encoding="utf-8", errors="replace").strip()
-        if not caption:
-            problems.append(f"{caption_path.name}: empty caption")
-            continue
-        problem = check_caption(caption) if check_caption is not None else None
-        if problem:
-            problems.append(f"{caption_path.name}: {problem}")
-        items.append((path, caption))
-    stems = {p.stem for p in images}
-    problems += [f"{t.name}: caption without an image" for t in sorted(folder.glob("*.txt")) if t.stem not in stems]
-    if problems:
-        raise StyleDataError(_list_problems(problems, folder))
-    return items
-
-
-def load_style_folder(folder, image_size: int, check_caption=None) -> tuple[torch.Tensor, list[str]]:
-    """uint8 images [N, 3, H, W] (RGB) and their captions, after validate_style_folder."""
-    from PIL import Image
-    items = validate_style_folder(folder, image_size, check_caption)
-    images = [torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p, _ in items]
-    return torch.stack(images), [caption for _, caption in items]
-
-
-def folder_digest(folder) -> str:
-    """sha256 over the style folder's file names and bytes (identifies the dataset a LoRA was trained on)."""
-    h = hashlib.sha256()
-    for path in sorted(Path(folder).iterdir()):
-        if path.is_file():
-            h.update(path.name.encode())
-            h.update(sha256_file(path).encode())
-    return h.hexdigest()
-
-
-def write_nano_style_folder(folder, n_images: int, seed: int, image_size: int = 32) -> Path:
-    """The nano style dataset: creatures rendered in "our style" (n_images // 2 prompts x 2 jitter seeds) as PNG +
-    caption files; written atomically, kept when already complete with the same settings."""
-    from PIL import Image
-    from .nano_world.prompts import sample_creatures
-    from .nano_world.renderer import render
-    folder = Path(folder)
-    settings = {"n_images": n_images, "seed": seed, "image_size": image_size}
-    if (folder / "dataset.json").is_file() and json.loads((folder / "dataset.json").read_text()) == settings:
-        return folder
-    staging = folder.parent / f".{folder.name}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    creatures = sample_creatures(max(1, n_images // 2), seed=seed)
-    for i in range(n_images):
-        creature = creatures[i // 2]
-        Image.fromarray(render(creature, seed=10_000 + i, size=image_size, style=True)).save(staging / f"{i:05d}.png")
-        (staging / f"{i:05d}.txt").write_text(creature.prompt() + "\n")
-    (staging / "dataset.json").write_text(json.dumps(settings))
-    return atomic_replace_dir(staging, folder)
-
-
 # --- training ----------------------------------------------------------------------------------------------------------
 
 def train_lora(base: torch.nn.Module, batches: Callable, empty_context: torch.Tensor, cfg: FlowMatchingConfig,
@@ -400,56 +309,6 @@ def style_batches(images: torch.Tensor, contexts: torch.Tensor, codec, batch_siz
     return batches
 
 
-# --- what 06_lora_survival and the CLI call ----------------------------------------------------------------------------
-
-WAYS = {"teacher": "trained on the teacher, applied to the student",
-        "deturbo": "trained on student + De-Turbo adapter, applied to the student without it",
-        "student": "trained directly on the student (the collapse baseline)"}
-ROW_NAMES = {"teacher": "student+lora_teacher", "deturbo": "student+lora_deturbo", "student": "student+lora_student"}
-KEY_EXCLUDED = ("minutes", "strength", "strengths", "ways", "checkpoint_every")  # do not change what a LoRA learns
-
-
-def nano_caption_check(components) -> Optional[Callable[[str], Optional[str]]]:
-    if components.preset != "nano":
-        return None
-    vocab = components.tokenizer.get_vocab()
-
-    def check(caption: str) -> Optional[str]:
-        unknown = sorted({w for w in caption.split() if w not in vocab})
-        return f"words outside the nano vocabulary {unknown}" if unknown else None
-    return check
-
-
-def style_folder(params) -> Path:
-    """The style data of this run: lora.style_folder, or (nano presets only) the nano renderer's style mode written
-    under outputs/<run>. A real preset without lora.style_folder is a StyleDataError naming the key: renders of nano
-    creatures are no style for a real model."""
-    if params.lora.style_folder:
-        from .config import _resolve
-        return _resolve(params.lora.style_folder)
-    if params.model.preset != "nano":
-        raise StyleDataError(f"lora.style_folder is required with model.preset = {params.model.preset!r}: a folder "
-                             f"of the studio's style images ({params.gate.image_size}x{params.gate.image_size}, PNG/"
-                             f"JPEG) with same-name .txt captions (the nano renderer's style mode is not a style for a "
-                             f"real model)")
-    return write_nano_style_folder(params.output_path() / "style_data" / "nano", params.lora.style_images,
-                                   seed=params.run.seed + 3_000, image_size=params.gate.image_size)
-
-
-def load_style_data(params, components) -> tuple[torch.Tensor, list[str], Path]:
-    """Images, captions and folder of the style data, validated before any training (errors list every problem)."""
-    folder = style_folder(params)
-    try:
-        images, captions = load_style_folder(folder, params.gate.image_size, nano_caption_check(components))
-    except StyleDataError as exc:
-        hint = ""
-        if components.preset == "nano" and "vocabulary" in str(exc):
-            hint = f"\nnano vocabulary: {sorted(w for w in components.tokenizer.get_vocab() if not w.startswith('['))}"
-        raise StyleDataError(f"{exc}{hint}\n(lora.style_folder: a folder of {params.gate.image_size}x"
-                             f"{params.gate.image_size} images with same-name .txt captions)") from None
-    return images, captions, folder
-
-
 def adapter_training_config(params, section, uniform_fraction: float = 0.0) -> FlowMatchingConfig:
     """Flow-matching settings of an adapter (`params.lora` or `params.deturbo`): its steps, batch, lr, caption dropout
     and budget, at the teacher's training-time distribution; no weight decay (a LoRA starts at, and decays to, zero)."""
@@ -460,130 +319,3 @@ def adapter_training_config(params, section, uniform_fraction: float = 0.0) -> F
                               uniform_fraction=uniform_fraction, checkpoint_every=section.checkpoint_every,
                               time_budget_s=section.minutes * 60, seed=params.run.seed)
 
-
-def train_style_lora(params, components, way: str, student: torch.nn.Module,
-                     deturbo_adapter: Optional[LoraWeights] = None, progress: bool = True) -> tuple[LoraWeights, dict]:
-    """One style LoRA of 06 (`way` in WAYS), trained or found finished in outputs/<run>/lora/style-<key>/<way>
-    (`deturbo-<adapter digest>` for the De-Turbo way).
-
-    The key hashes everything that changes what the LoRA learns (data, base weights, adapter, rank, steps, ...), so
-    an ad hoc run with other settings trains its own LoRAs next to the default ones.
-    """
-    from . import text
-    if way not in WAYS:
-        raise ValueError(f"way {way!r}: allowed {list(WAYS)}")
-    if way == "deturbo" and deturbo_adapter is None:
-        raise ValueError("way 'deturbo' needs the De-Turbo adapter (03_deturbo)")
-    images, captions, folder = load_style_data(params, components)
-    base = components.transformer if way == "teacher" else student
-    frozen = ((deturbo_adapter, 1.0),) if way == "deturbo" else ()
-    settings = {"way": way, "base_sha256": models.weights_digest(base),
-                "adapter_sha256": deturbo_adapter.digest() if way == "deturbo" else None,
-                "data_sha256": folder_digest(folder), "data_images": len(images),
-                "text_precision": params.cache.precision,
-                "lora": {k: getattr(params.lora, k) for k in params.lora.__dataclass_fields__ if k not in KEY_EXCLUDED}}
-    shared = {"teacher": models.weights_digest(components.transformer), "student": models.weights_digest(student),
-              **{k: settings[k] for k in ("data_sha256", "text_precision", "lora")}}  # the same for all three ways
-    key = hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:10]
-    # the De-Turbo way also depends on the adapter: one folder per adapter, so another adapter never overwrites it
-    folder_name = f"deturbo-{deturbo_adapter.digest()[:8]}" if way == "deturbo" else way
-    out = params.output_path() / "lora" / f"style-{key}" / folder_name
-    manifest = read_manifest(out)
-    if manifest is not None and manifest.get("settings") == settings and manifest.get("finished", True):
-        return read_lora(out), manifest
-    text_path = text.text_path_at(components, params.cache.precision)
-    unique = sorted(set(captions))
-    contexts = text_path.encode_prompts(unique).float()[[unique.index(c) for c in captions]]
-    empty = text_path.encode_prompts([params.sampler.negative_prompt]).float()
-    batches = style_batches(images, contexts, components.codec, params.lora.batch_size)
-    lora, result = train_lora(base, batches, empty, adapter_training_config(params, params.lora), params.lora.rank,
-                              params.lora.alpha, out.parent / f"{folder_name}-train", frozen=frozen, progress=progress,
-                              desc=f"LoRA ({way})")
-    losses = result["losses"][-50:]
-    record = {"kind": "style", "settings": settings, "data_folder": str(folder), "steps": result["step"],
-              "wall_s": result["wall_s"], "finished": result["step"] >= params.lora.steps,
-              "final_loss": sum(losses) / max(1, len(losses)), "losses": result["losses"]}
-    if result["paused"]:  # the time budget paused training: nothing half-trained is saved as the LoRA
-        return lora, {**record, "parameters": lora.num_parameters()}
-    save_lora(lora, out, record)
-    return lora, read_manifest(out)
-
-
-STYLE_TARGETS = {1: 0.8, 2: 0.8, 4: 0.9}   # issue 7: style score vs teacher+LoRA@20 at 1 (and 2) and 4 steps
-CONTENT_TARGET, DIVERSITY_TARGET = 0.9, 0.8   # relative to the student's own rows (no LoRA), same step count
-
-
-# The metric names of 06's survival table per evaluation world (anima_lib.worlds): style, content and diversity are
-# compared as ratios; `distance` is to the styled reference's other seeds; `report` is copied into the table as found.
-SURVIVAL_METRICS = {
-    "nano": {"style": "style_score", "content": "attribute_alignment", "diversity": "diversity",
-             "distance": "fd_probe_vs_reference", "distance_label": "fd_vs_ref", "distance_format": "{:.0f}",
-             "report": ("clean_rate", "fd_probe_vs_reference")},
-    "real": {"style": "style_clip", "content": "clip_score", "diversity": "diversity_clip",
-             "distance": "fid_vs_reference", "distance_label": "fid_vs_ref", "distance_format": "{:.1f}",
-             "report": ("fid_vs_reference",)},
-}
-
-
-def survival_table(rows: dict, reference_row: str, ways, steps, names: Optional[dict] = None) -> dict[str, dict]:
-    """Per '<way>@<k>': style relative to the reference, content (nano: attribute_alignment, every prompt attribute
-    read right however cleanly drawn; real: CLIP score) and diversity relative to the student's own row at k steps,
-    whether all three meet the targets ("survives"), and, as found, the `report` metrics (nano: clean_rate and
-    fd_probe_vs_reference). Rows as 06 writes them; `names`: SURVIVAL_METRICS of the world (default nano)."""
-    names = names or SURVIVAL_METRICS["nano"]
-    style, content, diversity = names["style"], names["content"], names["diversity"]
-    reference = rows[reference_row][style]
-    table = {}
-    for way in ways:
-        for k in steps:
-            row, own = rows[f"{ROW_NAMES[way]}@{k}"], rows[f"student@{k}"]
-            entry = {"style_ratio": row[style] / max(reference, 1e-9),
-                     "content_ratio": row[content] / max(own[content], 1e-9),
-                     "diversity_ratio": row[diversity] / max(own[diversity], 1e-9)}
-            entry["survives"] = bool(entry["style_ratio"] >= STYLE_TARGETS[k] and entry["content_ratio"] >= CONTENT_TARGET
-                                     and entry["diversity_ratio"] >= DIVERSITY_TARGET)
-            entry.update({key: row[key] for key in names["report"]})
-            table[f"{way}@{k}"] = entry
-    return table
-
-
-def survival_verdict(table: dict[str, dict], ways, steps, names: Optional[dict] = None) -> str:
-    """One line: at which step counts style survives with which way, whether direct training collapses (and how), and
-    how the teacher-LoRA transfer compares with De-Turbo."""
-    names = names or SURVIVAL_METRICS["nano"]
-    distance = names["distance"]
-
-    def cells(way, key, fmt):
-        return "/".join(fmt.format(table[f"{way}@{k}"][key]) for k in steps)
-
-    def mean(way, key):
-        return sum(table[f"{way}@{k}"][key] for k in steps) / len(steps)
-
-    at = "/".join(map(str, steps))
-    parts = []
-    for way in ways:
-        ok = [k for k in steps if table[f"{way}@{k}"]["survives"]]
-        parts.append(f"{way}: {'survives at ' + '/'.join(map(str, ok)) + ' steps' if ok else 'does not survive'} "
-                     f"(@{at}: style x{cells(way, 'style_ratio', '{:.2f}')}, content x"
-                     f"{cells(way, 'content_ratio', '{:.2f}')}, diversity x{cells(way, 'diversity_ratio', '{:.2f}')}, "
-                     f"{names['distance_label']} {cells(way, distance, names['distance_format'])})")
-    if "student" in ways:
-        how = []
-        if any(table[f"student@{k}"]["diversity_ratio"] < DIVERSITY_TARGET for k in steps):
-            how.append("diversity drops")
-        if any(table[f"student@{k}"]["content_ratio"] < CONTENT_TARGET for k in steps):
-            how.append("content drops")
-        if "teacher" in ways and mean("student", distance) > 1.5 * mean("teacher", distance):
-            how.append(f"its samples sit x{mean('student', distance) / mean('teacher', distance):.1f} "
-                       f"farther from the styled reference than the teacher-LoRA's")
-        parts.append("direct training: " + ("; ".join(how) if how else "no collapse seen"))
-    if "teacher" in ways and "deturbo" in ways:
-        style = {w: mean(w, "style_ratio") for w in ("teacher", "deturbo")}
-        if abs(style["teacher"] - style["deturbo"]) <= 0.05:
-            parts.append(f"the teacher-LoRA transfer is as good as De-Turbo on style (mean x{style['teacher']:.2f} vs "
-                         f"x{style['deturbo']:.2f})")
-        else:
-            better = max(style, key=style.get)
-            parts.append(f"{'De-Turbo' if better == 'deturbo' else 'the teacher-LoRA transfer'} carries more style "
-                         f"(mean x{style['deturbo']:.2f} De-Turbo vs x{style['teacher']:.2f} teacher)")
-    return "; ".join(parts)

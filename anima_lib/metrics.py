@@ -87,11 +87,13 @@ def _diversity_per_prompt(features: torch.Tensor, image_prompt: torch.Tensor) ->
     return torch.stack(values)
 
 
-def _per_prompt_means(per_image: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+def per_prompt_means(per_image: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """One mean per prompt over its images (the unit the bootstrap resamples)."""
     return torch.stack([per_image[prompt_ids == p].mean() for p in prompt_ids.unique()])
 
 
-def _bootstrap_ci(per_prompt: torch.Tensor, n_boot: int = 1000, seed: int = 0) -> list[float]:
+def bootstrap_interval(per_prompt: torch.Tensor, n_boot: int = 1000, seed: int = 0) -> list[float]:
+    """90% bootstrap interval [5%, 95%] of the mean of per-prompt values."""
     generator = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(per_prompt), (n_boot, len(per_prompt)), generator=generator)
     means = per_prompt[idx].mean(1)
@@ -106,13 +108,13 @@ def score_images(reading: dict, attributes: list[dict], image_prompt: list[int])
     per_image["clean_rate"] = (reading["clean_p"] > 0.5).float()
     out: dict = {}
     for name, values in per_image.items():
-        per_prompt = _per_prompt_means(values, prompt_ids)
+        per_prompt = per_prompt_means(values, prompt_ids)
         out[name] = float(values.mean())
         if name in ("alignment", "attribute_alignment", "style_score"):
-            out[f"{name}_ci"] = _bootstrap_ci(per_prompt)
+            out[f"{name}_ci"] = bootstrap_interval(per_prompt)
     diversity = _diversity_per_prompt(reading["features"], prompt_ids)
     out["diversity"] = float(diversity.mean())
-    out["diversity_ci"] = _bootstrap_ci(diversity)
+    out["diversity_ci"] = bootstrap_interval(diversity)
     out["n_images"] = len(image_prompt)
     return out
 

@@ -133,3 +133,43 @@ def sorted_values(values: dict[str, float], title: str = "", ylabel: str = "", t
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def confusion_matrices(matrices: dict[str, dict], title: str = ""):
+    """One heat map per row of {"prompted": [...], "read": [...], "counts": [[...]]} (rows: prompted, columns: read),
+    each cell labelled with its share of the prompted class; the diagonal is what the reader got right."""
+    fig, axes = plt.subplots(1, len(matrices), figsize=(2.6 * len(matrices) + 0.4, 2.8), squeeze=False)
+    for ax, (row, matrix) in zip(axes[0], matrices.items()):
+        counts = torch.tensor(matrix["counts"], dtype=torch.float32)
+        share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+        ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
+        for i in range(share.shape[0]):
+            for j in range(share.shape[1]):
+                ax.text(j, i, f"{share[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if share[i, j] > 0.6 else "black")
+        ax.set_xticks(range(len(matrix["read"])), [str(v) for v in matrix["read"]], fontsize=7)
+        ax.set_yticks(range(len(matrix["prompted"])), [str(v) for v in matrix["prompted"]], fontsize=7)
+        ax.set_xlabel("read", fontsize=8)
+        ax.set_title(row, fontsize=8)
+    axes[0][0].set_ylabel("prompted", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def reliability(curves: dict[str, dict], title: str = ""):
+    """Calibration: accuracy against mean confidence per confidence bin, one line per row (the diagonal is perfect);
+    the legend carries each row's expected calibration error."""
+    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    for row, curve in curves.items():
+        points = [(c, a) for c, a in zip(curve["confidence"], curve["accuracy"]) if c is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=f"{row} (ECE {curve['ece']:.3f})")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title or "calibration", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

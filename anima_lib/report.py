@@ -18,7 +18,12 @@ The gathered reports/<date>/<run>/metrics.json is {notebook: {status, wall_s, ro
 
 One run of a run name at a time: the runner holds an flock on outputs/<run>/run.lock (pid, host, start, command).
 Kernels import the anima_lib of the checkout that runs them (PYTHONPATH), not whichever one a shared venv installed;
-they get ANIMA_KERNEL_START_TIMEOUT seconds (default 300) to start, and one retry when they do not.
+they get ANIMA_KERNEL_START_TIMEOUT seconds (default 300) to start, and one retry when they do not. Each kernel runs
+kernel_startup.py first (PYTHONSTARTUP), which calls `quiet()`: the known-benign library notices listed below never
+reach the page; every other warning and error stays visible.
+
+Pages are for a reviewer: prose, tables, plots, grids and the verdict, every code cell folded under a "code" line
+that one click opens (`anima run --with-code` writes them open); parameter cells are left out.
 """
 from __future__ import annotations
 
@@ -27,13 +32,16 @@ import datetime as _dt
 import fcntl
 import html
 import json
+import logging
 import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -45,6 +53,7 @@ from .io import atomic_write_json, atomic_write_text
 NOTEBOOK_DIR = config_mod.REPO_ROOT / "notebooks"
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 KERNEL_START_TIMEOUT_ENV = "ANIMA_KERNEL_START_TIMEOUT"
+KERNEL_STARTUP = Path(__file__).resolve().parent / "kernel_startup.py"  # what every kernel of a run executes first
 EXIT_CODES = {"pass": 0, "fail": 1, "incomplete": 3}
 
 
@@ -126,10 +135,58 @@ def pause(params, notebook: str, what: str, preset, overrides, **extra):
     raise TrainingPaused(f"{what}; the checkpoint is kept — resume with: {resume}")
 
 
+# --- what every kernel of a run does first: known-benign library notices off ---------------------------------------
+
+# (logger, start of the message): notices that say nothing about the run; any other record of these loggers still shows
+BENIGN_LOG_NOTICES = (
+    # bitsandbytes (imported by peft) looks for an optional hub kernel for 4-bit CPU matmuls, which nothing here runs
+    ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community"),
+    # diffusers warns at every .to(dtype) even when the model keeps no module in float32 (the list is empty); a
+    # non-empty list is a true warning and stays visible
+    ("diffusers.models.modeling_utils", r"There are modules in \w+ that should be kept in float32: \[\]\."),
+)
+# (category, start of the message) of Python warnings that say nothing about the run
+BENIGN_WARNINGS = (
+    # torch.func.jvp scripts a helper inside torch; torch's own jvp documentation hides this warning the same way
+    (FutureWarning, r"`torch\.jit\.script` is deprecated"),
+)
+# progress bars of huggingface_hub, transformers ("Loading weights") and diffusers: stderr noise in a page
+PROGRESS_BARS_OFF_ENV = ("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
+def quiet() -> None:
+    """Silence the known-benign library notices above (idempotent). Runs first in every kernel `anima run` starts
+    (kernel_startup.py); call it at the top of a notebook opened by hand for the same quiet output."""
+    for logger_name, pattern in BENIGN_LOG_NOTICES:
+        logger = logging.getLogger(logger_name)
+        if not any(isinstance(f, _DropNotice) and f.pattern.pattern == pattern for f in logger.filters):
+            logger.addFilter(_DropNotice(pattern))
+    for category, pattern in BENIGN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+    name, value = PROGRESS_BARS_OFF_ENV
+    os.environ.setdefault(name, value)  # read when huggingface_hub is imported; a user's explicit setting wins
+    if os.environ[name] == value and "huggingface_hub" in sys.modules:  # imported already: switch off directly
+        for module, off in (("huggingface_hub.utils", "disable_progress_bars"),
+                            ("transformers.utils.logging", "disable_progress_bar"),
+                            ("diffusers.utils.logging", "disable_progress_bar")):
+            if module in sys.modules:
+                getattr(sys.modules[module], off)()
+
+
 # --- HTML -------------------------------------------------------------------------------------------------------------
 
-def export_html(ipynb_path: Path, html_path: Path) -> Path:
-    """A self-contained page: images embedded as data URIs, no remote scripts, parameter cells hidden."""
+def export_html(ipynb_path: Path, html_path: Path, with_code: bool = False) -> Path:
+    """A self-contained page: images embedded as data URIs, no remote scripts, parameter cells left out, each code
+    cell folded under a "code" line that one click opens (`with_code`: written open)."""
     import nbformat
     from nbconvert import HTMLExporter
     from traitlets.config import Config
@@ -138,10 +195,13 @@ def export_html(ipynb_path: Path, html_path: Path) -> Path:
     c.TagRemovePreprocessor.remove_input_tags = {"remove-input", "parameters", "injected-parameters"}
     c.TagRemovePreprocessor.remove_cell_tags = {"remove-cell"}
     c.HTMLExporter.preprocessors = ["nbconvert.preprocessors.TagRemovePreprocessor"]
+    c.HTMLExporter.exclude_input_prompt = True   # "In [7]:" / "Out[7]:" mean nothing to a reader of the page
+    c.HTMLExporter.exclude_output_prompt = True
     exporter = HTMLExporter(config=c, template_name="offline", extra_template_basedirs=[str(TEMPLATE_DIR)],
                             embed_images=True)
     body, _ = exporter.from_notebook_node(nbformat.read(ipynb_path, as_version=4),
-                                          resources={"metadata": {"path": str(ipynb_path.parent)}})
+                                          resources={"metadata": {"path": str(ipynb_path.parent)},
+                                                     "anima_code_open": bool(with_code)})
     return atomic_write_text(html_path, body)
 
 
@@ -276,17 +336,20 @@ def run_lock(params, command: str):
 
 
 @contextlib.contextmanager
-def _kernel_imports_this_checkout():
-    """Kernels inherit our environment: this checkout first on PYTHONPATH beats a shared editable venv's install."""
-    before = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(config_mod.REPO_ROOT), before]))
+def _kernel_environment():
+    """Kernels inherit our environment: this checkout first on PYTHONPATH beats a shared editable venv's install, and
+    PYTHONSTARTUP runs kernel_startup.py (`quiet()`) before the first cell."""
+    before = {name: os.environ.get(name) for name in ("PYTHONPATH", "PYTHONSTARTUP")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(config_mod.REPO_ROOT), before["PYTHONPATH"]]))
+    os.environ["PYTHONSTARTUP"] = str(KERNEL_STARTUP)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _papermill(step: Step, preset_path: Path, overrides: list[str], out_ipynb: Path, notebook_dir: Path,
@@ -295,7 +358,7 @@ def _papermill(step: Step, preset_path: Path, overrides: list[str], out_ipynb: P
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
     try:
-        with _kernel_imports_this_checkout():
+        with _kernel_environment():
             pm.execute_notebook(str(notebook_dir / f"{step.name}.ipynb"), str(out_ipynb),
                                 parameters={"preset": str(preset_path), "overrides": list(overrides)},
                                 kernel_name="python3", cwd=str(notebook_dir), progress_bar=True,
@@ -341,7 +404,7 @@ def _stage_of_failure(out_ipynb: Path, error: str) -> str:
 
 
 def _execute(step: Step, preset_path: Path, overrides: list[str], run_dir: Path, params, notebook_dir: Path,
-             start_timeout: int = 300, log=print) -> dict:
+             start_timeout: int = 300, log=print, with_code: bool = False) -> dict:
     out_ipynb = run_dir / f"{step.name}.ipynb"
     metrics_path = metrics_file(params, step.name)
     metrics_path.unlink(missing_ok=True)  # a stale file must never pass for this run's result
@@ -358,7 +421,7 @@ def _execute(step: Step, preset_path: Path, overrides: list[str], run_dir: Path,
     result = {"name": step.name, "wall_s": wall_s, "html": False}
     if out_ipynb.exists():
         try:
-            export_html(out_ipynb, run_dir / f"{step.name}.html")
+            export_html(out_ipynb, run_dir / f"{step.name}.html", with_code=with_code)
             result["html"] = True
         except Exception as exc:
             error = error or f"HTML export failed: {exc}"
@@ -381,9 +444,11 @@ def _execute(step: Step, preset_path: Path, overrides: list[str], run_dir: Path,
 
 
 def run_pipeline(preset: str, overrides: Optional[list[str]] = None, only: Optional[list[str]] = None,
-                 log=print, pipeline: tuple[Step, ...] = PIPELINE, notebook_dir: Path = NOTEBOOK_DIR) -> int:
-    """Validate, lock the run, run every notebook (or `only` those), write the reports; returns the exit code
-    (module docstring). Raises ConfigError on a parameter error and RunLockedError when the run is in use."""
+                 log=print, pipeline: tuple[Step, ...] = PIPELINE, notebook_dir: Path = NOTEBOOK_DIR,
+                 with_code: bool = False) -> int:
+    """Validate, lock the run, run every notebook (or `only` those), write the reports (`with_code`: code cells
+    written open); returns the exit code (module docstring). Raises ConfigError on a parameter error and
+    RunLockedError when the run is in use."""
     overrides = list(overrides or [])
     preset_path = config_mod.resolve_preset(preset)
     params = config_mod.load_config(preset_path, overrides)  # every parameter error surfaces here, before compute
@@ -395,11 +460,12 @@ def run_pipeline(preset: str, overrides: Optional[list[str]] = None, only: Optio
     command = shlex.join(["anima", "run", str(preset)] + [f"--only={n}" for n in only or []]
                          + [f"--set={o}" for o in overrides])
     with run_lock(params, command):  # before any compute: a second run of this name stops here
-        return _run_locked(params, preset_path, overrides, only, log, pipeline, notebook_dir, start_timeout)
+        return _run_locked(params, preset_path, overrides, only, log, pipeline, notebook_dir, start_timeout,
+                           with_code)
 
 
 def _run_locked(params, preset_path: Path, overrides: list[str], only: Optional[list[str]], log,
-                pipeline: tuple[Step, ...], notebook_dir: Path, start_timeout: int) -> int:
+                pipeline: tuple[Step, ...], notebook_dir: Path, start_timeout: int, with_code: bool = False) -> int:
     present = [s for s in pipeline if (notebook_dir / f"{s.name}.ipynb").is_file()]
     absent = [s.name for s in pipeline if s not in present]
     day_dir = params.report_root() / _dt.date.today().isoformat()
@@ -426,7 +492,8 @@ def _run_locked(params, preset_path: Path, overrides: list[str], only: Optional[
                 result["paused"] = True
         else:
             log(f"[{index}/{len(selected)}] {step.name}: running")
-            result = _execute(step, preset_path, overrides, run_dir, params, notebook_dir, start_timeout, log)
+            result = _execute(step, preset_path, overrides, run_dir, params, notebook_dir, start_timeout, log,
+                              with_code)
         if step.name not in status:
             status[step.name] = result["status"]
         if result.get("paused"):

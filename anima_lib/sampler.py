@@ -1,7 +1,9 @@
 """Samplers. All noise comes from the caller (no RNG in here), so another runtime can replay a run exactly.
 
-A `velocity_fn(x, sigma, context) -> v` is any RF velocity predictor: the DiT (see models.velocity_fn),
+A `velocity_fn(x, sigma, context) -> v` is any RF velocity predictor: the DiT (networks.velocity_fn(transformer)),
 an analytic field in tests, a LoRA-carrying student. `x` is [B, ...], `sigma` is a [B] tensor of RF times.
+`student_sample` is the run's few-step student sampler put together once (schedule from params.sampler, the DiT's
+velocity, rows in chunks on the student's device): the gate, De-Turbo and the parity fixtures sample through it.
 """
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from . import flow
+from .networks import device_of, velocity_fn as dit_velocity_fn
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -51,7 +55,6 @@ def euler_sample(velocity_fn: VelocityFn, noise: torch.Tensor, sigmas: torch.Ten
     states, velocities = [x], []
     steps = range(len(sigmas) - 1)
     if progress:
-        from tqdm.auto import tqdm
         steps = tqdm(steps, desc=f"euler {len(sigmas) - 1} steps", leave=False)
     for i in steps:
         sigma = torch.full((x.shape[0],), float(sigmas[i]), dtype=x.dtype, device=x.device)
@@ -92,3 +95,34 @@ def consistency_sample(velocity_fn: VelocityFn, noises: Sequence[torch.Tensor], 
             return x0_estimate
         x = flow.rf_noisy(x0_estimate, noises[k + 1], rf_times[k + 1])
     raise AssertionError("unreachable")
+
+
+def student_times(params, num_steps: int) -> list[float]:
+    """The run's few-step schedule in TrigFlow time: flow.student_trig_times at params.sampler's sigma_max and
+    student_mid_times (num_steps + 1 entries ending in 0)."""
+    return flow.student_trig_times(num_steps, params.sampler.sigma_max, params.sampler.student_mid_times)
+
+
+@torch.no_grad()
+def student_sample(student: torch.nn.Module, noises: Sequence[torch.Tensor], context: torch.Tensor, params,
+                   batch_size: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                   trace: Optional[list] = None) -> torch.Tensor:
+    """Latents from a few-step student DiT: len(noises) steps of consistency_sample at student_times(params, k).
+
+    Rows go `batch_size` at a time (None: all at once), moved to the student's device and, when given, to `dtype`
+    (the dtype the chain runs in; None keeps the noises'). `trace` as in consistency_sample (with one batch).
+    """
+    trig_times = student_times(params, len(noises))
+    velocity, device = dit_velocity_fn(student), device_of(student)
+    rows = len(context)
+    if rows == 0 or any(len(n) != rows for n in noises):
+        raise ValueError(f"noises have {[len(n) for n in noises]} rows, the context {rows}")
+    batch_size = batch_size or rows
+    if trace is not None and batch_size < rows:
+        raise ValueError(f"a trace records one batch: batch_size {batch_size} < {rows} rows")
+    latents = []
+    for start in range(0, rows, batch_size):
+        sl = slice(start, start + batch_size)
+        latents.append(consistency_sample(velocity, [n[sl].to(device, dtype) for n in noises], trig_times,
+                                          context[sl].to(device, dtype), trace=trace))
+    return torch.cat(latents)

@@ -28,7 +28,8 @@ def text_path_at(components: models.AnimaComponents, precision: str) -> models.A
         q8_0.quantize_linears_(text_encoder)
     elif precision != "f32":
         dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[precision]
-        text_encoder, conditioner = text_encoder.to(dtype), conditioner.to(dtype)
+        # not .to(dtype): diffusers logs a "should be kept in float32" notice on every such cast of the conditioner
+        text_encoder, conditioner = models.cast_floating(text_encoder, dtype), models.cast_floating(conditioner, dtype)
     return dataclasses.replace(components, text_encoder=text_encoder, text_conditioner=conditioner)
 
 

@@ -11,39 +11,10 @@ Needs about 10 GB of RAM and 6 GB of disk; a few minutes on 2 cores.
 """
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-LOAD_SCRIPT = r"""
-import gc, json, sys, time
-import torch
-from diffusers import CosmosTransformer3DModel
-from anima_lib import models
-from anima_lib.quant import ledger, packed
-def status(key):  # VmRSS / VmHWM of this process's own address space (ru_maxrss would inherit the parent's at fork)
-    line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
-    return int(line.split()[1]) * 1024
-torch.set_num_threads(int(sys.argv[3]))
-gc.collect(); base = status("VmRSS"); t0 = time.perf_counter()
-if sys.argv[1] == "packed":
-    model = packed.load_packed(sys.argv[2], lambda cfg: CosmosTransformer3DModel(**models.ANIMA_2B_TRANSFORMER))
-else:  # quantize at load: a bf16 checkpoint is read, then quantized in memory
-    from safetensors.torch import load_file
-    with torch.device("meta"):
-        model = CosmosTransformer3DModel(**models.ANIMA_2B_TRANSFORMER)
-    model.load_state_dict(load_file(sys.argv[2]), assign=True)
-    model, _, _ = packed.quantize_model(model, ledger.DIT_POLICY)
-load_s = time.perf_counter() - t0
-gc.collect(); mapped = status("VmRSS")
-with torch.no_grad():  # touch every tensor once, as the first forward would: now everything is resident
-    touched = sum(float(t.reshape(-1)[:: 4096].float().sum()) for t in model.state_dict().values())
-gc.collect(); steady = status("VmRSS"); peak = status("VmHWM")
-print(json.dumps({"base": base, "after_load": mapped, "steady": steady, "peak": peak, "load_s": load_s}))
-"""
 
 
 def build(args) -> dict:
@@ -73,7 +44,8 @@ def build(args) -> dict:
     t0 = time.perf_counter()
     model, chosen, kept = packed.quantize_model(model, ledger.DIT_POLICY)
     results["quantize_s"] = time.perf_counter() - t0
-    packed.save_packed(model, args.out / "dit_packed", ledger.DIT_POLICY, chosen, kept)
+    packed.save_packed(model, args.out / "dit_packed", ledger.DIT_POLICY, chosen, kept,
+                       model_config=models.ANIMA_2B_TRANSFORMER)
     size = (args.out / "dit_packed" / packed.WEIGHTS).stat().st_size
     results.update({"packed_file_bytes": size, "ledger_predicted_bytes": predicted,
                     "file / ledger": size / predicted, "packed / bf16 (2 B per param)": size / (2 * params),
@@ -102,10 +74,9 @@ def main():
         built.write_text(json.dumps(results))
     bf16_path = args.out / "dit_bf16.safetensors"
 
-    def load(kind, path):
-        out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, kind, str(path), str(args.threads)],
-                             capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+    def load(kind, path):  # each in a fresh process (anima_lib.quant.load_memory)
+        from anima_lib.quant import ledger, load_memory
+        r = load_memory.measure(kind, path, args.threads, ledger.DIT_POLICY if kind == "bf16" else None)
         return {"peak_above_base_GB": (r["peak"] - r["base"]) / 1e9,
                 "right_after_load_above_base_GB": (r["after_load"] - r["base"]) / 1e9,
                 "steady_above_base_GB (every tensor touched)": (r["steady"] - r["base"]) / 1e9,

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from anima_lib import metrics
+from anima_lib import io, metrics
 from anima_lib.nano_world import detail_reader as dr
-from anima_lib.nano_world import probes, renderer, teacher
+from anima_lib.nano_world import probes, renderer
 from anima_lib.nano_world.prompts import ATTRIBUTES, Creature, sample_creatures
 from anima_lib.nano_world.renderer import EYE_DAMAGE_KINDS, EyeDamage
 
@@ -191,8 +191,8 @@ def test_detail_reader_weights_are_verified(tmp_path):
     data = bytearray((copy / dr.WEIGHTS_FILE).read_bytes())
     data[-10] ^= 0xFF
     (copy / dr.WEIGHTS_FILE).write_bytes(bytes(data))
-    with pytest.raises(teacher.WeightsError, match="sha256 does not match.*detail_reader --minutes"):
+    with pytest.raises(io.WeightsError, match="sha256 does not match.*detail_reader --minutes"):
         dr.load_detail_reader(copy)
     (copy / dr.WEIGHTS_FILE).unlink()
-    with pytest.raises(teacher.WeightsError, match="missing; regenerate"):
+    with pytest.raises(io.WeightsError, match="missing; regenerate"):
         dr.load_detail_reader(copy)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import full_width as fw
-from anima_lib import cache, config, gate, lora, metrics, models, worlds
+from anima_lib import cache, config, gate, lora, lora_survival, metrics, models, worlds
 
 BIN = os.path.dirname(sys.executable)
 NOTEBOOKS = ("01_cache", "02_distill", "03_deturbo", "04_quantize", "05_quality_gate", "06_lora_survival")
@@ -121,13 +121,13 @@ def test_real_world_rows_for_02_03_and_06(stand_in_world, forbid_nano):
 
 
 def test_survival_table_reads_the_real_world_metrics():
-    names = lora.SURVIVAL_METRICS["real"]
+    names = lora_survival.SURVIVAL_METRICS["real"]
     rows = {"teacher+lora@3": {"style_clip": 0.5}, "student@1": {"clip_score": 30.0, "diversity_clip": 0.2}}
     rows["student+lora_deturbo@1"] = {"style_clip": 0.45, "clip_score": 29.0, "diversity_clip": 0.19,
                                       "fid_vs_reference": 12.5}
-    table = lora.survival_table(rows, "teacher+lora@3", ["deturbo"], [1], names)
+    table = lora_survival.survival_table(rows, "teacher+lora@3", ["deturbo"], [1], names)
     assert table["deturbo@1"]["survives"] and table["deturbo@1"]["fid_vs_reference"] == 12.5
-    assert "fid_vs_ref 12.5" in lora.survival_verdict(table, ["deturbo"], [1], names)
+    assert "fid_vs_ref 12.5" in lora_survival.survival_verdict(table, ["deturbo"], [1], names)
 
 
 def test_subset_params_take_at_most_the_prompts_the_files_hold(stand_in_world, tmp_path):
@@ -145,8 +145,8 @@ def test_nano_only_fallbacks_refuse_a_real_preset(stand_in_world):
     with pytest.raises(cache.CacheError, match=r"cache\.prompts_file is required with model\.preset = 'anima-2b'"):
         cache.cache_records(params)
     params.lora.style_folder = None  # no nano renders as a real model's style data
-    with pytest.raises(lora.StyleDataError, match=r"lora\.style_folder is required with model\.preset = 'anima-2b'"):
-        lora.style_folder(params)
+    with pytest.raises(lora_survival.StyleDataError, match=r"lora\.style_folder is required with model\.preset = 'anima-2b'"):
+        lora_survival.style_folder(params)
     assert not (params.output_path() / "style_data").exists()
 
 

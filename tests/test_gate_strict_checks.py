@@ -13,7 +13,7 @@ def _strict_checks(student1, student4, quantized1):
             "student_q4@1": {**BASE, "strict_alignment": quantized1}}
     checks, _, headline = world.verdict(rows, {"student@1": 100.0, "teacher@20": 1.0}, "teacher@20")
     assert headline["teacher@20.strict_alignment"] == 0.8
-    return {name.split(" (")[0]: ok for name, ok in checks.items() if "strict" in name}
+    return {c.name.split(" (")[0]: c.passed for c in checks if "strict" in c.name}
 
 
 def test_strict_checks_pass_at_their_thresholds():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anima_lib import config, flow_matching, lora, models
+from anima_lib import checks, config, flow_matching, lora, lora_survival, models
 from anima_lib.distill import deturbo
 from anima_lib.nano_world.prompts import vocabulary
 
@@ -175,8 +175,8 @@ def test_style_folder_problems_are_listed_together(nano, tmp_path):
     _write_image(folder / "odd_words.png", 32)
     (folder / "odd_words.txt").write_text("a fluffy dragon")
     (folder / "orphan.txt").write_text(PROMPT)
-    with pytest.raises(lora.StyleDataError) as info:
-        lora.load_style_folder(folder, 32, lora.nano_caption_check(nano))
+    with pytest.raises(lora_survival.StyleDataError) as info:
+        lora_survival.load_style_folder(folder, 32, lora_survival.nano_caption_check(nano))
     message = str(info.value)
     for expected in ("broken.png: unreadable image", "no_caption.png: missing caption no_caption.txt",
                      "too_big.png: size 48x48, expected 32x32", "odd_words.txt: words outside the nano vocabulary "
@@ -186,11 +186,11 @@ def test_style_folder_problems_are_listed_together(nano, tmp_path):
 
 
 def test_nano_style_folder_is_valid_and_deterministic(nano, tmp_path):
-    folder = lora.write_nano_style_folder(tmp_path / "s", n_images=6, seed=1)
-    images, captions = lora.load_style_folder(folder, 32, lora.nano_caption_check(nano))
+    folder = lora_survival.write_nano_style_folder(tmp_path / "s", n_images=6, seed=1)
+    images, captions = lora_survival.load_style_folder(folder, 32, lora_survival.nano_caption_check(nano))
     assert images.shape == (6, 3, 32, 32) and images.dtype == torch.uint8 and captions[0] == captions[1]
-    again = lora.write_nano_style_folder(tmp_path / "t", n_images=6, seed=1)
-    assert lora.folder_digest(folder) == lora.folder_digest(again)
+    again = lora_survival.write_nano_style_folder(tmp_path / "t", n_images=6, seed=1)
+    assert lora_survival.folder_digest(folder) == lora_survival.folder_digest(again)
     from anima_lib.nano_world.prompts import sample_creatures
     from anima_lib.nano_world.renderer import render_batch
     creature = sample_creatures(3, seed=1)[0]
@@ -205,20 +205,43 @@ def test_survival_table_and_verdict():
             "student@4": {"attribute_alignment": 0.5, "diversity": 10.0}}
     values = {"teacher": (0.6, 0.85), "deturbo": (0.8, 0.88), "student": (0.9, 0.9)}
     for way, (s1, s4) in values.items():
-        rows[f"{lora.ROW_NAMES[way]}@1"] = {"style_score": s1, "attribute_alignment": 0.39, "diversity": 9.0,
+        rows[f"{lora_survival.ROW_NAMES[way]}@1"] = {"style_score": s1, "attribute_alignment": 0.39, "diversity": 9.0,
                                             "clean_rate": 0.1, "fd_probe_vs_reference": 50.0}
-        rows[f"{lora.ROW_NAMES[way]}@4"] = {"style_score": s4, "attribute_alignment": 0.49, "diversity": 9.5,
+        rows[f"{lora_survival.ROW_NAMES[way]}@4"] = {"style_score": s4, "attribute_alignment": 0.49, "diversity": 9.5,
                                             "clean_rate": 0.2, "fd_probe_vs_reference": 40.0}
     rows["student+lora_student@1"].update(diversity=4.0, fd_probe_vs_reference=200.0)  # collapse
-    table = lora.survival_table(rows, "teacher+lora@20", list(values), [1, 4])
+    table = lora_survival.survival_table(rows, "teacher+lora@20", list(values), [1, 4])
     assert table["deturbo@1"]["survives"] and table["deturbo@4"]["survives"]
     assert not table["teacher@1"]["survives"] and table["teacher@4"]["survives"]  # 0.6/0.9 = 0.67 < 0.8
     assert not table["student@1"]["survives"]
-    verdict = lora.survival_verdict(table, list(values), [1, 4])
+    verdict = lora_survival.survival_verdict(table, list(values), [1, 4])
     assert "deturbo: survives at 1/4 steps (@1/4: style x0.89/0.98, content x0.97/0.98" in verdict
     assert "teacher: survives at 4 steps" in verdict
     assert "direct training: diversity drops; its samples sit x2.7 farther from the styled reference" in verdict
-    assert "De-Turbo carries more style" in verdict
+    assert "De-Turbo (the control) carries more style than stacking the teacher's LoRA (mean x0.93 vs x0.81)" in verdict
+    close = {k: {**v, "style_ratio": table[f"teacher@{k.split('@')[1]}"]["style_ratio"]} if k.startswith("deturbo") else v
+             for k, v in table.items()}
+    assert "De-Turbo (the control) is no better than stacking" in lora_survival.survival_verdict(close, list(values), [1, 4])
+
+
+def test_judge_of_06_checks_equal_steps_and_a_real_reference():
+    rows = {"teacher@20": {"style_score": 0.01, "attribute_alignment": 0.80},
+            "teacher+lora@20": {"style_score": 0.85, "attribute_alignment": 0.78}}
+    good = lora_survival.judge(rows, "teacher+lora@20", "teacher@20", {"teacher": 1500, "deturbo": 1500}, 1500)
+    assert checks.all_passed(good) and len(good) == 3
+    assert "every LoRA trained its 1500 steps (teacher 1500, deturbo 1500)" in good[0].name
+    short = lora_survival.judge(rows, "teacher+lora@20", "teacher@20", {"teacher": 289, "deturbo": 1500}, 1500)
+    assert [c.passed for c in short] == [False, True, True]
+    weak = dict(rows, **{"teacher+lora@20": {"style_score": 0.17, "attribute_alignment": 0.75}})  # 0.75/0.80 < 0.95
+    result = lora_survival.judge(weak, "teacher+lora@20", "teacher@20", {"teacher": 1500}, 1500)
+    assert [c.passed for c in result] == [True, False, False]
+    assert "style_score 0.170 (≥ 0.8)" in result[1].name and "x0.938 of teacher@20 (≥ 0.95)" in result[2].name
+    at_threshold = {"teacher@20": {"style_score": 0.0, "attribute_alignment": 1.0},
+                    "teacher+lora@20": {"style_score": lora_survival.REFERENCE_STYLE_MIN["nano"],
+                                        "attribute_alignment": lora_survival.REFERENCE_CONTENT_RATIO}}
+    assert checks.all_passed(lora_survival.judge(at_threshold, "teacher+lora@20", "teacher@20", {"t": 1}, 1))
+    real = {"teacher@20": {"style_clip": 0.30, "clip_score": 30.0}, "teacher+lora@20": {"style_clip": 0.25, "clip_score": 30.0}}
+    assert not lora_survival.judge(real, "teacher+lora@20", "teacher@20", {"t": 1}, 1, kind="real")[1].passed
 
 
 def test_deturbo_folder_is_keyed_by_what_the_adapter_learns(nano, tmp_path):

@@ -1,10 +1,11 @@
 import copy
+import math
 
 import pytest
 import torch
 from diffusers import AutoencoderKLQwenImage
 
-from anima_lib import checkpoints, models
+from anima_lib import checkpoints, flow, models
 from anima_lib.nano_world.prompts import sample_creatures, vocabulary
 
 PROMPTS = [c.prompt() for c in sample_creatures(3, seed=0)]
@@ -218,3 +219,93 @@ def test_bf16_loads_keep_the_float32_modules_float32_without_the_cast_warning(na
         assert any(n.startswith("learnable_pos_embed.") for n in dtypes)
         assert all(d == torch.bfloat16 for n, d in dtypes.items() if not n.startswith("learnable_pos_embed."))
     nano.to(dtype=torch.float32)
+
+
+# --- loading at the run's dtype: float32-kept modules stay float32, no diffusers cast notice ---------------------------
+import logging  # noqa: E402
+
+from anima_lib import config, sampler, text  # noqa: E402
+from anima_lib.nano_world import teacher as nano_teacher  # noqa: E402
+
+FP32_NOTICE = "should be kept in float32"
+
+
+class _Notices(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def diffusers_notices():
+    handler = _Notices()
+    logging.getLogger("diffusers").addHandler(handler)
+    yield handler.messages
+    logging.getLogger("diffusers").removeHandler(handler)
+
+
+def test_bf16_run_loads_the_nano_teacher_at_bf16_with_learnable_pos_embed_float32(nano, tmp_path, diffusers_notices):
+    from diffusers import CosmosTransformer3DModel
+    torch.manual_seed(2)   # a nano teacher whose DiT has the float32-kept module (Cosmos' learnable_pos_embed)
+    transformer = CosmosTransformer3DModel(**{**models.NANO_TRANSFORMER, "extra_pos_embed_type": "learnable"})
+    saved = {k: v.clone() for k, v in transformer.state_dict().items()}
+    folder = nano_teacher.save_teacher(models.AnimaComponents(**{**nano.__dict__, "transformer": transformer}),
+                                       tmp_path / "teacher", {"what": "test teacher"})
+    params = config.load_config("nano", [f"model.nano_weights={folder}", "model.dtype=bfloat16"])
+    components = models.load_components(params)
+    state = components.transformer.state_dict()
+    pos = [k for k in state if k.startswith("learnable_pos_embed.")]
+    assert pos and all(state[k].dtype == torch.float32 and torch.equal(state[k], saved[k]) for k in pos)
+    assert all(state[k].dtype == torch.bfloat16 and torch.equal(state[k], saved[k].to(torch.bfloat16))
+               for k in state if k not in pos and saved[k].is_floating_point())
+    assert components.text_conditioner.dtype == components.text_encoder.dtype == torch.bfloat16
+    for precision in ("bf16", "f16"):   # the cache's text paths: cast without diffusers' .to() notice
+        assert text.text_path_at(components, precision).text_conditioner.dtype != torch.float32
+    assert [m for m in diffusers_notices if FP32_NOTICE in m] == []
+    copy.deepcopy(components.text_conditioner).to(torch.float16)   # the notice a .to(dtype) cast does log
+    assert any(FP32_NOTICE in m for m in diffusers_notices), "the handler no longer sees diffusers' notice"
+
+
+def test_text_path_cast_equals_a_plain_cast(nano):
+    """text_path_at casts with cast_floating (no notice); for the text modules it is exactly .to(dtype)."""
+    for precision, dtype in (("bf16", torch.bfloat16), ("f16", torch.float16)):
+        path = text.text_path_at(nano, precision)
+        for name in ("text_encoder", "text_conditioner"):
+            plain = copy.deepcopy(getattr(nano, name)).float().to(dtype).state_dict()
+            cast = getattr(path, name).state_dict()
+            assert all(cast[k].dtype == plain[k].dtype and torch.equal(cast[k], plain[k]) for k in plain), name
+
+
+# --- the student's few-step sampler, put together once -----------------------------------------------------------------
+
+def test_velocity_fn_is_the_dit_call(nano):
+    x, sigma = torch.randn(2, *nano.latent_shape(32)), torch.tensor([0.3, 0.8])
+    context = nano.encode_prompts(PROMPTS[:2])
+    assert torch.equal(models.velocity_fn(nano.transformer)(x, sigma, context),
+                       models.transformer_velocity(nano.transformer, x, sigma, context))
+    assert copy.deepcopy(models.velocity_fn(nano.transformer)).__closure__[0].cell_contents is nano.transformer
+
+
+def test_student_sample_is_the_run_schedule_batched(nano):
+    params = config.load_config("nano")
+    generator = torch.Generator().manual_seed(0)
+    context = nano.encode_prompts(PROMPTS)
+    noises = [torch.randn(3, *nano.latent_shape(32), generator=generator) for _ in range(2)]
+    times = sampler.student_times(params, 2)
+    assert times == [math.atan(params.sampler.sigma_max), params.sampler.student_mid_times[0], 0.0]
+    by_hand = sampler.consistency_sample(models.velocity_fn(nano.transformer), noises, times, context)
+    assert torch.equal(sampler.student_sample(nano.transformer, noises, context, params), by_hand)
+    batched = sampler.student_sample(nano.transformer, noises, context, params, batch_size=2)
+    assert torch.allclose(batched, by_hand, atol=1e-5)   # row chunks change only the matmul blocking
+    trace: list = []
+    sampler.student_sample(nano.transformer, noises, context, params, trace=trace)
+    assert [float(t["sigma"][0]) for t in trace] == pytest.approx([flow.trig_to_rf_time(t) for t in times[:-1]])
+    with pytest.raises(ValueError, match="a trace records one batch"):
+        sampler.student_sample(nano.transformer, noises, context, params, batch_size=2, trace=[])
+    with pytest.raises(ValueError, match=r"noises have \[3, 2\] rows, the context 3"):
+        sampler.student_sample(nano.transformer, [noises[0], noises[1][:2]], context, params)
+    as_f64 = sampler.student_sample(nano.transformer, noises, context, params, dtype=torch.float64)
+    assert as_f64.dtype == torch.float64   # the chain runs in `dtype`; the DiT call casts to its own

@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from anima_lib import config, gate, metrics, models
+from anima_lib import config, gate, io, metrics, models
 from anima_lib.nano_world import probes, teacher
 from anima_lib.nano_world.prompts import ATTRIBUTES
 
@@ -65,10 +65,10 @@ def test_corrupt_shipped_teacher_is_detected_with_a_fix(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(teacher.WeightsError, match="sha256 does not match.*00_nano_teacher --set teacher.train=true"):
+    with pytest.raises(io.WeightsError, match="sha256 does not match.*00_nano_teacher --set teacher.train=true"):
         teacher.verify_teacher(copy)
     weights.unlink()
-    with pytest.raises(teacher.WeightsError, match="missing; regenerate"):
+    with pytest.raises(io.WeightsError, match="missing; regenerate"):
         teacher.load_teacher(copy)
 
 
@@ -76,5 +76,5 @@ def test_corrupt_probe_is_detected(tmp_path):
     copy = tmp_path / "probe"
     shutil.copytree(probes.SHIPPED_PROBE, copy)
     (copy / "probe.safetensors").write_bytes(b"not weights")
-    with pytest.raises(teacher.WeightsError, match="sha256 does not match"):
+    with pytest.raises(io.WeightsError, match="sha256 does not match"):
         probes.load_probe(copy)

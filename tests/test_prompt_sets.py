@@ -79,6 +79,6 @@ def test_evaluation_sets_are_disjoint_from_training_and_each_other():
 
 def test_the_anima_2b_preset_points_at_these_files():
     p = config.load_config("anima-2b", ["run.device=cpu"], check_paths=False)
-    assert config._resolve(p.cache.prompts_file) == TRAIN
+    assert config.resolve_path(p.cache.prompts_file) == TRAIN
     assert config.gate_prompt_files(p) == [GENEVAL, STUDIO]
     assert p.gate.n_prompts == len(rows(GENEVAL)) + len(rows(STUDIO))

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from anima_lib import checks as checks_mod
 from anima_lib import config, gate, metrics, worlds
 from anima_lib.config import ConfigError
 
@@ -210,6 +211,7 @@ def test_real_world_rows_fid_clip_diversity_and_noise_floor(real_params):
         assert "style_clip" not in row and "alignment" not in row and "fd_probe" not in row
     # verdict: the real checks read these names; a collapsed or off-prompt student fails them
     checks, verdict, headline = world.verdict(rows, {"teacher@20": 1.0, "student@1": 40.0}, "teacher@20")
+    checks = checks_mod.as_record(checks)
     assert any(k.startswith("rCM beats student_lcm at 1 step") and ok for k, ok in checks.items())
     failed = [k for k, ok in checks.items() if not ok]  # FID alone cannot tell rCM from the wrong-colour ablation
     assert len(failed) == 1 and failed[0].startswith("rCM beats student_scm at 1 step") and "FAILED" in verdict
@@ -341,6 +343,7 @@ def test_nano_world_is_the_old_gate_exactly(tmp_path):
     assert world.score_rows(samples, "teacher@20", renders.flip(-2)) == expected
     assert torch.equal(world.reference_images(), renders) and world.keep(others) is others
     checks, verdict, headline = world.verdict(expected, {"teacher@20": 1.0, "student@1": 30.0}, "teacher@20")
+    checks = checks_mod.as_record(checks)
     assert "teacher@20 alignment ≥ 0.85" in checks and verdict.startswith("teacher@20: alignment ")
     assert set(headline) == {"teacher@20.alignment", "teacher@1.alignment", "student@1.alignment", "fd_probe_ratio@1",
                              "teacher@20.strict_alignment", "student@1.strict_alignment"}   # + the detail reader's

@@ -1,5 +1,6 @@
 """The runner end to end on tiny notebooks: papermill, HTML export, statuses, skipping, exit codes."""
 import json
+import os
 import re
 from pathlib import Path
 
@@ -130,3 +131,104 @@ def test_shipped_notebooks_are_stripped_and_parameterized():
             if cell.cell_type == "code":
                 assert not cell.outputs and cell.execution_count is None, f"{path.name}: commit notebooks stripped"
         assert path.stem in {s.name for s in report.PIPELINE}
+
+
+# --- pages for a reviewer: code folded, benign notices silenced in the kernel, plain-text marks -----------------------
+
+NOTICES = """
+import logging, os, warnings
+logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
+    "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. Please make sure ...")
+modeling = logging.getLogger("diffusers.models.modeling_utils")
+modeling.warning("There are modules in AnimaTextConditioner that should be kept in float32: []. Casting directly ...")
+modeling.warning("There are modules in CosmosTransformer3DModel that should be kept in float32: ['learnable_pos_embed']."
+                 " Casting directly with `to()` ...")
+warnings.warn("`torch.jit.script` is deprecated. Please switch to `torch.compile` or `torch.export`.", FutureWarning)
+warnings.warn("a warning that matters", UserWarning)
+logging.getLogger("bitsandbytes.backends.cpu.ops").warning("another bitsandbytes notice")
+print("progress bars off:", os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"))
+"""
+
+
+def test_pages_fold_code_and_the_kernel_drops_only_the_known_benign_notices(tmp_path, preset, monkeypatch):
+    monkeypatch.delenv("PYTHONSTARTUP", raising=False)
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    make_notebook(tmp_path, "00_a", NOTICES + metrics_code("00_a"))
+    code, day, notebooks, _ = run(tmp_path, preset, (Step("00_a"),))
+    assert code == 0, notebooks
+    page = (day / "t" / "00_a.html").read_text()
+    shown = re.sub(r"<details class=\"anima-code\".*?</details>", "", page, flags=re.S)  # outputs, not code
+    for benign in ("gemm_4bit_forward", "float32: []", "torch.jit.script"):
+        assert benign not in shown, benign
+    for kept in ("learnable_pos_embed", "a warning that matters", "another bitsandbytes notice",
+                 "progress bars off: 1"):
+        assert kept in shown, kept
+    folded = re.findall(r"<details class=\"anima-code\"( open(=\"\")?)?><summary>code</summary>", page)
+    assert len(folded) == 1 and folded[0][0] == ""           # the one visible code cell, folded
+    assert "write_metrics" in page                           # its code is in the page, one click away
+    assert not re.search(r"In&nbsp;\[|Out\[\d", page)         # no execution counters
+    assert "PYTHONSTARTUP" not in os.environ                  # the runner's own environment is left as it was
+    index = (day / "index.html").read_text()
+    assert 'href="t/00_a.html"' in index
+
+
+def test_with_code_writes_the_code_cells_open(tmp_path, preset):
+    make_notebook(tmp_path, "00_a", metrics_code("00_a"))
+    _, day, _, _ = run(tmp_path, preset, (Step("00_a"),), with_code=True)
+    page = (day / "t" / "00_a.html").read_text()
+    assert len(re.findall(r"<details class=\"anima-code\" open(=\"\")?>", page)) == 1
+
+
+def test_cli_with_code_reaches_the_runner(monkeypatch):
+    from anima_lib import cli
+    seen = {}
+    monkeypatch.setattr(report, "run_pipeline", lambda preset, overrides, only, **kw: seen.update(kw) or 0)
+    assert cli.main(["run", "smoke", "--with-code"]) == 0 and seen == {"with_code": True}
+    assert cli.main(["run", "smoke"]) == 0 and seen == {"with_code": False}
+
+
+def test_quiet_filters_exactly_the_listed_notices(monkeypatch):
+    import logging
+    import warnings
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # restored afterwards (quiet sets it when absent)
+    report.quiet()
+    report.quiet()  # idempotent: one filter per notice
+    for logger_name, _ in report.BENIGN_LOG_NOTICES:
+        assert len(logging.getLogger(logger_name).filters) == 1
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    modeling, bnb, seen = (logging.getLogger("diffusers.models.modeling_utils"),
+                           logging.getLogger("bitsandbytes.backends.cpu.ops"), Collect())
+    for logger in (modeling, bnb):
+        monkeypatch.setattr(logger, "handlers", [seen])
+    modeling.warning("There are modules in AnimaTextConditioner that should be kept in float32: []. Casting ...")
+    modeling.warning("There are modules in CosmosTransformer3DModel that should be kept in float32: "
+                     "['learnable_pos_embed']. Casting ...")
+    bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.")
+    bnb.warning("another bitsandbytes notice")
+    assert [m[:50] for m in seen.messages] == ["There are modules in CosmosTransformer3DModel that",
+                                               "another bitsandbytes notice"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report.quiet()  # after "always": its filters go first
+        warnings.warn("`torch.jit.script` is deprecated. Please switch to `torch.compile`.", FutureWarning)
+        warnings.warn("`torch.jit.script` is deprecated, but as another category", UserWarning)
+    assert [str(w.message)[:40] for w in caught] == ["`torch.jit.script` is deprecated, but as"]
+
+
+def test_finish_records_the_checks_and_shows_plain_marks(tmp_path, preset):
+    from anima_lib import checks, config
+    params = config.load_config(preset)
+    shown = report.finish(params, "01_x", rows={"q8_0": {"cosine": 0.5}}, verdict="v",
+                          checks=[checks.Check("a held", True), checks.Check("b missed", False)])
+    record = json.loads(report.metrics_file(params, "01_x").read_text())
+    assert record["passed"] is False and record["checks"] == {"a held": True, "b missed": False}
+    assert shown.data == "- **pass** a held\n- **FAIL** b missed\n\n**FAIL** — v"
+    assert all(ord(ch) < 0x2000 for ch in shown.data.replace("—", ""))  # no emoji: renders in any font

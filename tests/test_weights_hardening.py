@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anima_lib import checkpoints, lora, models
-from anima_lib.io import NonFiniteWeightsError, sha256_file
+from anima_lib.io import NonFiniteWeightsError, WeightsError, sha256_file
 from anima_lib.nano_world.prompts import vocabulary
 from test_models import tiny_anima  # the same tiny real-config Anima the loader tests use
 
@@ -135,7 +135,6 @@ def test_nan_in_a_diffusers_folder_is_refused_by_component(nano, tmp_path):
 
 def test_nan_in_probe_weights_is_refused(tmp_path):
     from anima_lib.nano_world import probes
-    from anima_lib.nano_world.teacher import WeightsError
     probe = probes.Probe()
     key = next(iter(probe.state_dict()))
     with torch.no_grad():

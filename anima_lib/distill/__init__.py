@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import models
+from ..checks import Check
 from .rcm import RCMConfig
 from .trainer import DistillConfig, Distiller, DivergenceError, load_student_weights  # noqa: F401
 
@@ -66,11 +67,8 @@ def build_distiller(params, method: str, components=None, rank: int = 0, world_s
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def teacher_fn(x, s, context):
-        return models.transformer_velocity(teacher, x, s, context)
-
-    return Distiller(teacher_fn, student, models.transformer_velocity, data, distill_config(params, method), folder,
-                     rank=rank, world_size=world_size, log=log)
+    return Distiller(models.velocity_fn(teacher), student, models.transformer_velocity, data,
+                     distill_config(params, method), folder, rank=rank, world_size=world_size, log=log)
 
 
 @dataclass(frozen=True)
@@ -112,3 +110,15 @@ def load_student(params, components, method: str = "rcm", checkpoint: str = "las
     """The EMA student of `method` as a transformer next to the teacher's (for the gate and the later notebooks)."""
     source = checkpoint_dir(params, method) if checkpoint == "last" else Path(checkpoint)
     return load_student_weights(copy.deepcopy(components.transformer).float(), source)
+
+
+# --- 02_distill's checks -----------------------------------------------------------------------------------------------
+
+# the row 02 judges, and what it must beat: the teacher's own Euler at the same single step (what distilling is for)
+JUDGED_ROW, BASELINE_ROW, BASELINE_LABEL = "student@1", "teacher@1", "teacher Euler@1"
+
+
+def judge(rows: dict[str, dict], world) -> list[Check]:
+    """02's checks: JUDGED_ROW beats BASELINE_ROW strictly on both of the world's step metrics (`world.beats`: nano
+    lower fd_probe and higher alignment; real lower fid_vs_teacher and higher clip_score)."""
+    return [Check(name, passed) for name, passed in world.beats(rows, JUDGED_ROW, BASELINE_ROW, BASELINE_LABEL).items()]

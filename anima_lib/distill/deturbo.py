@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import flow, lora, models, sampler
+from ..checks import Check
 
 
 class DeturboError(RuntimeError):
@@ -66,21 +67,10 @@ def svd_init(teacher: torch.nn.Module, student: torch.nn.Module, rank: int, alph
 def student_samples(student: torch.nn.Module, contexts: torch.Tensor, latent_shape: tuple, params, seed: int
                     ) -> torch.Tensor:
     """The student's own 4-step samples (latents) for the given contexts, fresh noise from `seed`."""
-    trig_times = flow.student_trig_times(4, params.sampler.sigma_max, params.sampler.student_mid_times)
     generator = torch.Generator().manual_seed(seed)
     shape = (len(contexts), *latent_shape)
-    device = models.device_of(student)
-    noises = [models.randn(shape, generator, device) for _ in trig_times[:-1]]
-    contexts = contexts.to(device)
-
-    def velocity(x, sigma, ctx):
-        return models.transformer_velocity(student, x, sigma, ctx)
-
-    out = []
-    for start in range(0, len(contexts), 128):
-        sl = slice(start, start + 128)
-        out.append(sampler.consistency_sample(velocity, [n[sl] for n in noises], trig_times, contexts[sl]))
-    return torch.cat(out)
+    noises = [models.randn(shape, generator, models.device_of(student)) for _ in range(4)]
+    return sampler.student_sample(student, noises, contexts, params, batch_size=128)
 
 
 def train_deturbo(params, components, student: torch.nn.Module, progress: bool = True) -> tuple[lora.LoraWeights, dict]:
@@ -106,13 +96,11 @@ def train_deturbo(params, components, student: torch.nn.Module, progress: bool =
         pick = torch.randint(len(pool_x0), (n_student,), generator=generator).to(pool_x0.device)
         return torch.cat([rows["x0"], pool_x0[pick]]), torch.cat([rows["context"], pool_context[pick]])
 
-    def teacher_velocity(x, sigma, context):
-        return models.transformer_velocity(teacher, x, sigma, context)
-
     init = svd_init(teacher, student, d.rank, d.alpha) if d.init == "svd" else None
     cfg = lora.adapter_training_config(params, d, d.uniform_fraction)
     adapter, result = lora.train_lora(student, batches, negative, cfg, d.rank, d.alpha,
-                                      folder.parent / f"{folder.name}-train", init=init, target_fn=teacher_velocity,
+                                      folder.parent / f"{folder.name}-train", init=init,
+                                      target_fn=models.velocity_fn(teacher),
                                       progress=progress, desc="De-Turbo")
     last_losses = result["losses"][-50:]
     record = {"kind": "deturbo", "settings": settings, "steps": result["step"], "wall_s": result["wall_s"],
@@ -151,3 +139,36 @@ def velocity_error_by_time(velocity_fns: dict, teacher_fn, x0: torch.Tensor, con
                 error = (fn(x_s, sigma, ctx).double() - target).flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1)
                 out.setdefault(f"{name}{label}", []).append(float(error.mean()))
     return out
+
+
+# --- 03_deturbo's checks -----------------------------------------------------------------------------------------------
+
+NOISE_FLOOR_RATIO_MAX = 1.2      # student+A sampled like the teacher: its distance to teacher@T within 1.2x the floor
+ADAPTER_FILE_MAX_ABS_DV = 1e-4   # A loaded from its diffusers-format file reproduces the in-memory A's velocity
+
+
+def noise_floor_ratio(rows: dict[str, dict], floor_metric: str, steps: int) -> tuple[float, float, float]:
+    """(student+deturbo@T's floor metric, teacher@T's = the noise floor, their ratio; inf when the floor is 0)."""
+    ours, floor = rows[f"student+deturbo@{steps}"][floor_metric], rows[f"teacher@{steps}"][floor_metric]
+    return ours, floor, (ours / floor if floor > 0 else float("inf"))
+
+
+def judge(rows: dict[str, dict], floor_metric: str, steps: int, mean_error: dict[str, float], digest_unchanged: bool,
+          dropped_bit_identical: bool, file_max_abs_dv: float) -> list[Check]:
+    """03's checks. `rows`: the world's scores of teacher@T and student+deturbo@T; `mean_error`: the mean relative
+    velocity error of "student" and "student+A", each also with " uncond" (the negative prompt's branch);
+    `digest_unchanged`: the student's weights digest is what it was and what the adapter was trained on;
+    `dropped_bit_identical`: deleting the peft-loaded A gives the student's outputs bit for bit;
+    `file_max_abs_dv`: max |v(diffusers-loaded A) - v(fused A)|."""
+    ours, floor, ratio = noise_floor_ratio(rows, floor_metric, steps)
+    before, after = mean_error["student"], mean_error["student+A"]
+    before_u, after_u = mean_error["student uncond"], mean_error["student+A uncond"]
+    return [
+        Check(f"student+A@{steps} {floor_metric} within {NOISE_FLOOR_RATIO_MAX} x the noise floor ({ours:.2f} vs "
+              f"{floor:.2f}, x{ratio:.2f})", ours <= NOISE_FLOOR_RATIO_MAX * floor),
+        Check(f"A lowers the mean relative velocity error ({before:.3f} -> {after:.3f}; uncond {before_u:.3f} -> "
+              f"{after_u:.3f})", after < before and after_u < before_u),
+        Check("dropping A gives the student back bit-exactly", digest_unchanged and dropped_bit_identical),
+        Check(f"the diffusers-format file reproduces the adapter (max |Δv| {file_max_abs_dv:.2g} < "
+              f"{ADAPTER_FILE_MAX_ABS_DV:g})", file_max_abs_dv < ADAPTER_FILE_MAX_ABS_DV),
+    ]

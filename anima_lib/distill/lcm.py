@@ -37,7 +37,7 @@ def lcm_loss(student_fn: VelocityFn, target_fn: VelocityFn, teacher_guided_fn: V
     s_hi, s_lo = sigmas[index].to(x0.dtype), sigmas[index + 1].to(x0.dtype)
     x_hi = flow.rf_noisy(x0, noise, s_hi)
     with torch.no_grad():
-        x_lo = x_hi + flow._bcast(s_lo - s_hi, x_hi) * teacher_guided_fn(x_hi, s_hi, context)
+        x_lo = x_hi + flow.broadcast_time(s_lo - s_hi, x_hi) * teacher_guided_fn(x_hi, s_hi, context)
         target = flow.velocity_to_x0(x_lo, target_fn(x_lo, s_lo, context), s_lo)  # s_lo = 0 gives x_lo itself
     prediction = flow.velocity_to_x0(x_hi, student_fn(x_hi, s_hi, context), s_hi)
     return pseudo_huber(prediction - target, cfg.huber_c).sum()

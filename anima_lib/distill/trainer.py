@@ -1,4 +1,5 @@
-"""The distillation loop: rCM (sCM + DMD), the sCM-only ablation and the LCM baseline share it.
+"""The distillation loop: rCM (sCM + DMD), the sCM-only ablation, the LCM baseline and DMD alone (07's LoRA transfer)
+share it.
 
 One iteration is a student step or, for rCM, a critic (fake-score) step: iteration i is a student step iff
 i % student_every == 0 (rCM's F = 5 gives 4 critic updates per student update); the other methods always step
@@ -14,6 +15,9 @@ W ranks compute the same update as one process with the whole batch (up to float
 says how: ddp (every rank holds whole networks; one flat all-reduce) or fsdp (parallel.py: student, fake score and
 LCM target sharded per transformer block, reduce-scatter; the frozen teacher stays whole on every rank). Checkpoints
 hold whole tensors either way, so a run resumes with any number of processes.
+With `adapters_only` the networks arrive with only some parameters requiring grad (peft LoRAs on frozen weights: the
+LoRA transfer's student L' and fake-score LoRA); only those are optimized, averaged and checkpointed. The fake score
+may be given (teacher+LoRA with its own trainable LoRA) instead of a copy of the student.
 """
 from __future__ import annotations
 
@@ -28,12 +32,12 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..flow_matching import (EMA, ResumeError, _load_optimizer_state, _optimizer_state_tensors, check_same_run,
+from ..flow_matching import (EMA, ResumeError, load_optimizer_state, optimizer_state_tensors, check_same_run,
                              warmup_lr)
 from ..io import atomic_replace_dir, atomic_write_json, load_finite, recover_dir
 from . import lcm, parallel, rcm
 
-METHODS = ("rcm", "scm", "lcm")
+METHODS = ("rcm", "scm", "lcm", "dmd")
 PARALLEL = ("ddp", "fsdp")
 # change when training stops or how it is spread over devices, not what it learns
 RESUMABLE_CHANGES = ("iterations", "time_budget_s", "checkpoint_every", "parallel", "activation_checkpointing",
@@ -47,7 +51,8 @@ PARAM_NAMES = {  # DistillConfig field -> the parameter a user sets (for refusal
     "rcm.scm_weight": "distill.scm_weight", "rcm.dmd_weight": "distill.dmd_weight",
     "rcm.max_rollout": "distill.max_rollout", "rcm.sigma_max": "sampler.sigma_max", "lcm.shift": "sampler.shift",
     "rcm.tangent": "distill.tangent", "rcm.fd_delta": "distill.fd_delta", "parallel": "distill.parallel",
-    "activation_checkpointing": "distill.activation_checkpointing", "grad_accumulation": "distill.grad_accumulation"}
+    "activation_checkpointing": "distill.activation_checkpointing", "grad_accumulation": "distill.grad_accumulation",
+    "rcm.rollout_mid_times": "sampler.student_mid_times"}
 
 
 JVP_WITH_FSDP = ("distill.parallel = fsdp cannot take the jvp tangent (forward-mode AD does not pass through "
@@ -60,7 +65,8 @@ class DivergenceError(RuntimeError):
 
 @dataclass
 class DistillConfig:
-    method: str = "rcm"               # rcm | scm (rCM without DMD: the ablation) | lcm (published baseline)
+    method: str = "rcm"               # rcm | scm (rCM without DMD: the ablation) | lcm (published baseline) | dmd (DMD
+                                      # without sCM, + the optional regression: the LoRA transfer)
     iterations: int = 2000            # student + critic steps together, as rCM counts them
     batch_size: int = 32              # global batch (split across ranks)
     lr: float = 1e-4                  # student
@@ -79,6 +85,7 @@ class DistillConfig:
     grad_accumulation: int = 1        # passes per optimizer step, each over 1/N of this rank's rows
     snapshot_every: int = 0           # iterations between ema_<iteration> snapshots (0: with every checkpoint)
     keep_snapshots: int = 0           # keep the newest N snapshots (0: all)
+    adapters_only: bool = False       # train only the parameters that require grad on arrival (peft adapters)
     rcm: rcm.RCMConfig = field(default_factory=rcm.RCMConfig)
     lcm: lcm.LCMConfig = field(default_factory=lcm.LCMConfig)
 
@@ -96,10 +103,16 @@ class DistillConfig:
             raise ValueError(f"rcm.tangent {self.rcm.tangent!r}: allowed {list(rcm.TANGENTS)}")
         if self.parallel == "fsdp" and self.method == "rcm" and self.rcm.tangent == "jvp":
             raise ValueError(JVP_WITH_FSDP)
+        self.rcm.rollout_mid_times = tuple(self.rcm.rollout_mid_times)
+        if self.rcm.rollout_mid_times and len(self.rcm.rollout_mid_times) < self.rcm.max_rollout - 1:
+            raise ValueError(f"rcm.rollout_mid_times {list(self.rcm.rollout_mid_times)}: rollouts of up to "
+                             f"{self.rcm.max_rollout} steps need {self.rcm.max_rollout - 1} times")
+        if self.method == "dmd" and self.rcm.dmd_weight <= 0 and self.rcm.regression_weight <= 0:
+            raise ValueError("method 'dmd' needs rcm.dmd_weight > 0 or rcm.regression_weight > 0 (nothing to train)")
 
     @property
     def uses_critic(self) -> bool:
-        return self.method == "rcm" and self.rcm.dmd_weight > 0
+        return self.method in ("rcm", "dmd") and self.rcm.dmd_weight > 0
 
     def is_student_step(self, iteration: int) -> bool:
         return not self.uses_critic or iteration % self.student_every == 0
@@ -150,26 +163,41 @@ class Distiller:
 
     def __init__(self, teacher_fn: rcm.VelocityFn, student: torch.nn.Module, call: ModuleCall, data,
                  cfg: DistillConfig, checkpoint_dir: Path, rank: int = 0, world_size: int = 1,
-                 log: Optional[Callable[[dict], None]] = None):
+                 log: Optional[Callable[[dict], None]] = None, fake: Optional[torch.nn.Module] = None,
+                 param_names: Optional[dict] = None):
+        """teacher_fn: the real score (guided here with cfg.rcm.guidance_scale); fake: the fake-score network (default:
+        a copy of the student, which starts as the teacher); param_names: the parameter a user sets per config field,
+        for refusal messages (default: distill.*)."""
         self.cfg, self.call, self.data, self.log = cfg, call, data, log
         self.teacher_fn = teacher_fn
         self.rank, self.world_size = rank, world_size
         self.dir = Path(checkpoint_dir)
+        self.param_names = PARAM_NAMES if param_names is None else param_names
         self.net_dtype = getattr(torch, cfg.net_dtype)
         self.device = next(student.parameters()).device   # where the networks live; data and draws are moved here
-        self.student = student.train().requires_grad_(True)
-        self.fake = copy.deepcopy(student) if cfg.uses_critic else None       # fake score starts as the teacher
-        self.target = copy.deepcopy(student).requires_grad_(False) if cfg.method == "lcm" else None
         self.sharded = cfg.parallel == "fsdp" and world_size > 1   # one process has nothing to shard
+        if cfg.adapters_only and self.sharded:
+            raise ValueError("adapters_only with parallel = fsdp is not supported (adapters train under ddp)")
+        self.student = student.train() if cfg.adapters_only else student.train().requires_grad_(True)
+        if not cfg.uses_critic:
+            fake = None
+        elif fake is None:
+            fake = copy.deepcopy(student)       # fake score starts as the student (rCM: a copy of the teacher)
+        self.fake = fake.train() if fake is not None else None
+        for name, module in (("student", self.student), ("fake score", self.fake)):
+            if module is not None and not _trained(module):
+                raise ValueError(f"the {name} has no parameter that requires grad (adapters_only: add the adapter "
+                                 f"before building the Distiller)")
+        self.target = copy.deepcopy(student).requires_grad_(False) if cfg.method == "lcm" else None
         if cfg.grad_accumulation > 1 and cfg.batch_size % (world_size * cfg.grad_accumulation):
             raise ValueError(f"distill.batch_size = {cfg.batch_size} must split evenly into {world_size} rank(s) x "
                              f"distill.grad_accumulation = {cfg.grad_accumulation} passes (every rank runs the same "
                              f"passes)")
         self._prepare_networks()
-        named = dict(self.student.named_parameters())
+        named = _trained(self.student)
         self.ema = EMA(named, cfg.ema_decay)
         self.opt = torch.optim.AdamW(list(named.values()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        self.fake_opt = (torch.optim.AdamW(list(self.fake.parameters()), lr=cfg.fake_lr, betas=cfg.betas,
+        self.fake_opt = (torch.optim.AdamW(list(_trained(self.fake).values()), lr=cfg.fake_lr, betas=cfg.betas,
                                            weight_decay=cfg.weight_decay) if self.fake is not None else None)
         self.generator = torch.Generator().manual_seed(cfg.seed)   # identical on every rank: draws are global
         self.state = DistillState()
@@ -244,8 +272,8 @@ class Distiller:
         if cfg.method == "lcm":
             grid_index = self._local(torch.randint(cfg.lcm.grid_steps, (cfg.batch_size,), generator=self.generator))
             return {"grid_index": grid_index, "noise": self._randn_like(x0).float()}
-        draws = {"t": self._times(r.p_g_mean, r.p_g_std), "noise": self._randn_like(x0)}
-        if cfg.uses_critic and self.state.student_steps >= r.tangent_warmup:
+        draws = {"t": self._times(r.p_g_mean, r.p_g_std), "noise": self._randn_like(x0)} if cfg.method != "dmd" else {}
+        if cfg.uses_critic and (cfg.method == "dmd" or self.state.student_steps >= r.tangent_warmup):
             draws["rollout_steps"] = self.state.student_steps % r.max_rollout + 1    # cycles 1..4 as rCM's code does
             draws["rollout_times"] = self._rollout_times(draws["rollout_steps"])
             draws["rollout_noises"] = [self._randn_like(x0) for _ in draws["rollout_times"]]
@@ -253,7 +281,8 @@ class Distiller:
             draws["dmd_noise"] = self._randn_like(x0)
         return draws
 
-    def _student_losses(self, x0, context, negative, draws: dict) -> tuple[dict, dict, torch.Tensor]:
+    def _student_losses(self, x0, context, negative, draws: dict, regression_noise=None
+                        ) -> tuple[dict, dict, torch.Tensor]:
         """Loss terms, diagnostics and the weighted total of one (micro-)batch of rows."""
         cfg, r = self.cfg, self.cfg.rcm
         teacher = self._guided_teacher(negative)
@@ -262,14 +291,25 @@ class Distiller:
             loss = lcm.lcm_loss(student_fn, _velocity(self.call, self.target), teacher, x0.float(), draws["noise"],
                                 context, draws["grid_index"], cfg.lcm)
             return {"lcm": loss}, {}, loss
-        t, noise = draws["t"], draws["noise"]
-        x_t = rcm._col(torch.cos(t), x0) * x0 + rcm._col(torch.sin(t), x0) * noise
-        warmup = 1.0 if r.tangent_warmup == 0 else min(1.0, self.state.student_steps / r.tangent_warmup)
-        tangent = rcm.scm_tangent(student_fn, teacher, x_t, t, context, warmup, r.tangent_norm, self.net_dtype,
-                                  r.tangent, r.fd_delta)
-        terms = {"scm": rcm.scm_loss(student_fn, x_t, t, context, tangent["g_hat"], self.net_dtype)}
-        info = {"g_norm": float(tangent["g_norm"].mean())}
-        total = r.scm_weight * terms["scm"]
+        terms, info, total = {}, {}, 0.0
+        if cfg.method != "dmd":   # rcm and its sCM-only ablation
+            t, noise = draws["t"], draws["noise"]
+            x_t = rcm.as_column(torch.cos(t), x0) * x0 + rcm.as_column(torch.sin(t), x0) * noise
+            warmup = 1.0 if r.tangent_warmup == 0 else min(1.0, self.state.student_steps / r.tangent_warmup)
+            tangent = rcm.scm_tangent(student_fn, teacher, x_t, t, context, warmup, r.tangent_norm, self.net_dtype,
+                                      r.tangent, r.fd_delta)
+            terms["scm"] = rcm.scm_loss(student_fn, x_t, t, context, tangent["g_hat"], self.net_dtype)
+            info["g_norm"] = float(tangent["g_norm"].mean())
+            total = r.scm_weight * terms["scm"]
+        if r.regression_weight > 0:
+            if regression_noise is None:
+                raise ValueError("rcm.regression_weight > 0 needs batches with 'regression_noise' (and the teacher's "
+                                 "samples from it as 'x0')")
+            start = torch.full((len(x0),), math.atan(r.sigma_max), dtype=torch.float64, device=x0.device)
+            one_step = rcm.student_rollout(student_fn, [regression_noise], [start], context, grad_last=True,
+                                           net_dtype=self.net_dtype)
+            terms["regression"] = ((one_step - x0) ** 2).sum()
+            total = total + r.regression_weight * terms["regression"]
         if "t_d" in draws:
             x0_hat = rcm.student_rollout(student_fn, draws["rollout_noises"], draws["rollout_times"], context,
                                          grad_last=True, net_dtype=self.net_dtype)
@@ -282,19 +322,20 @@ class Distiller:
     def _student_step(self, batch: dict) -> dict:
         cfg = self.cfg
         x0, context, negative = batch["x0"].double(), batch["context"], batch.get("negative")
+        regression_noise = batch.get("regression_noise")
         draws = self._student_draws(x0)
         values, info = {}, {}
         self.opt.zero_grad(set_to_none=True)
         for rows in self._micro_batches(len(x0)):
             terms, micro_info, total = self._student_losses(x0[rows], _rows(context, rows), negative,
-                                                            _rows(draws, rows))
+                                                            _rows(draws, rows), _rows(regression_noise, rows))
             for name, value in self._check({k: float(v.detach()) for k, v in terms.items()}).items():
                 values[name] = values.get(name, 0.0) + value   # sums over the slices = the batch's sum
             for name, value in micro_info.items():
                 info.setdefault(name, []).append(value)
             total.backward()
         info = {k: v[0] if k == "rollout_steps" else sum(v) / len(v) for k, v in info.items()}
-        params = list(self.student.parameters())
+        params = list(_trained(self.student).values())
         if self.world_size > 1 and not self.sharded:   # FSDP reduce-scattered them in backward
             _all_reduce_grads(params)
         info["grad_norm"] = parallel.grad_norm(params)
@@ -304,7 +345,7 @@ class Distiller:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)   # no student grads held through the critic steps (2B: 8 GB in fp32)
         self.state.student_steps += 1
-        self.ema.update(dict(self.student.named_parameters()), self.state.student_steps)
+        self.ema.update(_trained(self.student), self.state.student_steps)
         if self.target is not None:
             with torch.no_grad():
                 for p_target, p in zip(self.target.parameters(), self.student.parameters()):
@@ -329,7 +370,7 @@ class Distiller:
                                    _rows(context, rows), self.net_dtype)
             critic_value += self._check({"critic": float(loss.detach())})["critic"]
             loss.backward()
-        params = list(self.fake.parameters())
+        params = list(_trained(self.fake).values())
         if self.world_size > 1 and not self.sharded:
             _all_reduce_grads(params)
         grad_norm = parallel.grad_norm(params)
@@ -375,7 +416,8 @@ class Distiller:
                 self.log(record)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("scm", "dmd", "lcm", "critic")},
+                bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
+                                 if k in ("scm", "dmd", "lcm", "regression", "critic")},
                                 refresh=False)
             if state.iteration % cfg.checkpoint_every == 0:
                 self.save()
@@ -406,12 +448,12 @@ class Distiller:
         staging = self.dir / ".last.tmp"
         if self.rank == 0:
             staging.mkdir(parents=True, exist_ok=True)
-        self._write(self.student.state_dict(), staging / "student.safetensors")
+        self._write(self._saved_state(self.student), staging / "student.safetensors")
         ema = self._write(self.ema.shadow, staging / "ema.safetensors")
-        self._write(_optimizer_state_tensors(self.opt, _names(self.student)), staging / "optimizer.safetensors")
+        self._write(optimizer_state_tensors(self.opt, list(_trained(self.student))), staging / "optimizer.safetensors")
         if self.fake is not None:
-            self._write(self.fake.state_dict(), staging / "fake_score.safetensors")
-            self._write(_optimizer_state_tensors(self.fake_opt, _names(self.fake)),
+            self._write(self._saved_state(self.fake), staging / "fake_score.safetensors")
+            self._write(optimizer_state_tensors(self.fake_opt, list(_trained(self.fake))),
                         staging / "fake_optimizer.safetensors")
         if self.target is not None:
             self._write(self.target.state_dict(), staging / "lcm_target.safetensors")
@@ -432,6 +474,12 @@ class Distiller:
                 old.unlink()
         return self.dir / "last"
 
+    def _saved_state(self, module: torch.nn.Module) -> dict:
+        """What a checkpoint holds of a network: everything, or (adapters_only) just the trained adapter tensors."""
+        if self.cfg.adapters_only:
+            return {name: p.detach() for name, p in _trained(module).items()}
+        return module.state_dict()
+
     def _write(self, tensors: dict, path: Path) -> dict:
         """Whole tensors (a collective gather under FSDP, so every rank calls this); rank 0 writes and returns them."""
         whole = parallel.full_tensors(tensors, keep=self.rank == 0)
@@ -445,16 +493,16 @@ class Distiller:
         if meta["config"]["method"] != self.cfg.method:
             raise ValueError(f"{last}: a {meta['config']['method']} run; this one is {self.cfg.method} "
                              f"(use another checkpoint folder)")
-        check_same_run(meta["config"], asdict(self.cfg), last, RESUMABLE_CHANGES, PARAM_NAMES)
+        check_same_run(meta["config"], asdict(self.cfg), last, RESUMABLE_CHANGES, self.param_names)
         if meta["iteration"] > self.cfg.iterations:
             raise ResumeError(f"{last}: the checkpoint has trained {meta['iteration']} iterations, more than the "
                              f"{self.cfg.iterations} asked for (distill.student_steps); ask for at least as many, score "
                              f"an earlier ema_<iteration>.safetensors (distill.checkpoint), or use another run.name")
-        _load_module(self.student, last / "student.safetensors")
+        _load_module(self.student, last / "student.safetensors", self.cfg.adapters_only)
         self.ema.shadow = _placed_like(load_finite(last / "ema.safetensors"), self.ema.shadow)
         _load_optimizer(self.opt, self.student, last / "optimizer.safetensors")
         if self.fake is not None:
-            _load_module(self.fake, last / "fake_score.safetensors")
+            _load_module(self.fake, last / "fake_score.safetensors", self.cfg.adapters_only)
             _load_optimizer(self.fake_opt, self.fake, last / "fake_optimizer.safetensors")
         if self.target is not None:
             _load_module(self.target, last / "lcm_target.safetensors")
@@ -464,8 +512,9 @@ class Distiller:
                                   wall_s=meta["wall_s"], history=meta["history"])
 
 
-def _names(module: torch.nn.Module) -> list[str]:
-    return [n for n, _ in module.named_parameters()]
+def _trained(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters the trainer optimizes: those requiring grad (all of them unless adapters_only)."""
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
 def _placed_like(whole: dict, current: dict) -> dict:
@@ -473,19 +522,29 @@ def _placed_like(whole: dict, current: dict) -> dict:
     return {k: parallel.placed_like(v, current[k]) if k in current else v for k, v in whole.items()}
 
 
-def _load_module(module: torch.nn.Module, path: Path) -> None:
-    module.load_state_dict(_placed_like(load_finite(path), module.state_dict()))
+def _load_module(module: torch.nn.Module, path: Path, trained_only: bool = False) -> None:
+    """Load a network's checkpoint; `trained_only`: it holds just the trained tensors (adapters), every one required."""
+    if not trained_only:
+        module.load_state_dict(_placed_like(load_finite(path), module.state_dict()))
+        return
+    saved, trained = load_finite(path), _trained(module)
+    if set(saved) != set(trained):
+        raise ResumeError(f"{path}: holds other adapter tensors than this run trains (e.g. "
+                          f"{sorted(set(saved) ^ set(trained))[:3]}); use another checkpoint folder")
+    with torch.no_grad():
+        for name, p in trained.items():
+            p.copy_(saved[name].to(p.dtype))
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, module: torch.nn.Module, path: Path) -> None:
     """Adam moments (saved whole, named <param>::<key>) cut like their parameter; scalar entries (step) as saved."""
-    params = dict(module.named_parameters())
+    params = _trained(module)
     tensors = {}
     for key, value in load_finite(path).items():
         param = params.get(key.split("::", 1)[0])
         same_shape = param is not None and tuple(value.shape) == tuple(param.shape)
         tensors[key] = parallel.placed_like(value, param) if same_shape else value
-    _load_optimizer_state(optimizer, _names(module), tensors)
+    load_optimizer_state(optimizer, list(params), tensors)
 
 
 def load_student_weights(module: torch.nn.Module, checkpoint: Path, which: str = "ema") -> torch.nn.Module:

@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..io import atomic_write_bytes, atomic_write_json, sha256_file
+from ..io import NonFiniteWeightsError, WeightsError, atomic_write_bytes, atomic_write_json, load_finite, sha256_file
 from .probes import blur  # the probe's Gaussian blur (also used to build test sets)
 from .prompts import ATTRIBUTES, Creature
 from .renderer import EYE_DAMAGE_KINDS, EyeDamage, render
@@ -490,8 +490,6 @@ def save_detail_reader(reader: DetailReader, folder: Path, manifest: dict) -> Pa
 
 def load_detail_reader(folder: Path = SHIPPED_DETAIL_READER) -> DetailReader:
     """The shipped reader, verified against manifest.json's sha256 (WeightsError with the command that rebuilds it)."""
-    from ..io import NonFiniteWeightsError, load_finite
-    from .teacher import WeightsError
     folder = Path(folder)
     manifest_path, weights = folder / "manifest.json", folder / WEIGHTS_FILE
     if not manifest_path.is_file() or not weights.is_file():

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..io import atomic_write_json, sha256_file
-from .prompts import ATTRIBUTES, Creature
+from ..io import NonFiniteWeightsError, WeightsError, atomic_write_json, load_finite, sha256_file
+from .prompts import ATTRIBUTES, Creature, all_creatures
 from .renderer import render_batch
 
 SHIPPED_PROBE = Path(__file__).resolve().parent.parent / "assets" / "nano_probe"
@@ -116,7 +116,6 @@ def sample_training_batch(n: int, rng: random.Random, seed_offset: int = 0):
 
 def render_training_pool(jitter_seeds: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Every attribute combination x jitter seeds x {plain, style}: uint8 images and labels (seeds < held-out base)."""
-    from .teacher import all_creatures
     creatures = all_creatures()
     images, labels = [], {name: [] for name in list(ATTRIBUTES) + ["style"]}
     for seed in range(jitter_seeds):
@@ -186,9 +185,6 @@ def save_probe(probe: Probe, folder: Path, manifest: dict) -> Path:
 
 
 def load_probe(folder: Path = SHIPPED_PROBE) -> Probe:
-    from ..io import NonFiniteWeightsError, load_finite
-    from .teacher import WeightsError
-
     class NonFiniteProbeError(WeightsError, NonFiniteWeightsError):
         """Probe weights holding NaN/Inf (caught as either parent)."""
     folder = Path(folder)

@@ -1,6 +1,7 @@
 """Creature attributes, the prompt template over them, and the prompt vocabulary (small and listed on purpose)."""
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import asdict, dataclass
 
@@ -32,6 +33,12 @@ class Creature:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def all_creatures() -> list[Creature]:
+    """Every attribute combination once (what the teacher and the probes train on)."""
+    names = list(ATTRIBUTES)
+    return [Creature(**dict(zip(names, values))) for values in itertools.product(*ATTRIBUTES.values())]
 
 
 def sample_creatures(n: int, seed: int) -> list[Creature]:

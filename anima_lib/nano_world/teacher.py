@@ -6,7 +6,6 @@ Run in the background (resumable; a crash loses at most `checkpoint_every` steps
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import platform
 import sys
@@ -16,21 +15,13 @@ from pathlib import Path
 
 import torch
 
-from .. import models
-from ..checkpoints import load_diffusers_folder, save_diffusers_folder
+from .. import networks
+from ..config import load_config
 from ..flow_matching import FlowMatchingConfig, load_ema_into, smoothed, train_flow_matching
-from ..io import WeightsError, atomic_write_json, sha256_file
-from .prompts import ATTRIBUTES, Creature, vocabulary
+from ..checks import Check
+from ..models import SHIPPED_TEACHER, load_teacher, save_teacher, verify_teacher  # noqa: F401 - the teacher's files
+from .prompts import all_creatures, vocabulary
 from .renderer import render_batch
-
-SHIPPED_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "nano_teacher"
-MANIFEST = "manifest.json"
-REGENERATE = "anima run params/nano.yaml --only 00_nano_teacher --set teacher.train=true"
-
-
-def all_creatures() -> list[Creature]:
-    names = list(ATTRIBUTES)
-    return [Creature(**dict(zip(names, values))) for values in itertools.product(*ATTRIBUTES.values())]
 
 
 def render_pool(jitter_seeds: int, size: int = 32, style: bool = False) -> tuple[torch.Tensor, list[int], list[str]]:
@@ -47,7 +38,7 @@ def render_pool(jitter_seeds: int, size: int = 32, style: bool = False) -> tuple
 class PromptEncoder:
     """Frozen Qwen3 states precomputed once; the trainable conditioner runs per batch (with grad)."""
 
-    def __init__(self, components: models.AnimaComponents, prompts: list[str]):
+    def __init__(self, components: networks.AnimaComponents, prompts: list[str]):
         tok = components.tokenizer(prompts, padding="longest", return_tensors="pt")
         t5 = components.t5_tokenizer(prompts, padding="longest", return_tensors="pt")
         with torch.no_grad():
@@ -62,13 +53,13 @@ class PromptEncoder:
 
 
 def train_nano_teacher(out_dir: Path, cfg: FlowMatchingConfig, jitter_seeds: int = 16, image_size: int = 32,
-                       progress: bool = True, init: str = "scratch") -> tuple[models.AnimaComponents, dict]:
+                       progress: bool = True, init: str = "scratch") -> tuple[networks.AnimaComponents, dict]:
     """Train from random init ('scratch') or fine-tune the shipped teacher ('shipped', same frozen text encoder)."""
     out_dir = Path(out_dir)
     if init == "shipped":
         components = load_teacher(SHIPPED_TEACHER)
     else:
-        components = models.build_nano(vocabulary(), seed=cfg.seed)
+        components = networks.build_nano(vocabulary(), seed=cfg.seed)
         torch.nn.init.zeros_(components.transformer.proj_out.weight)  # start as the zero velocity: stable early steps
     components.text_encoder.requires_grad_(False)  # frozen, random init, shipped for reproducibility
     components.transformer.requires_grad_(True)
@@ -123,35 +114,6 @@ def training_chain(manifest: dict) -> list[dict]:
     return chain[::-1]
 
 
-def save_teacher(components: models.AnimaComponents, folder: Path, manifest: dict) -> Path:
-    folder = save_diffusers_folder(components, folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {**manifest, "files": {str(p.relative_to(folder)): sha256_file(p) for p in files}}
-    atomic_write_json(folder / MANIFEST, manifest)
-    return folder
-
-
-def verify_teacher(folder: Path = SHIPPED_TEACHER) -> dict:
-    """Check every weight file against the manifest's sha256; a clear error says how to regenerate."""
-    folder = Path(folder)
-    if not (folder / MANIFEST).is_file():
-        raise WeightsError(f"{folder}: no {MANIFEST}; regenerate the nano teacher with `{REGENERATE}`")
-    manifest = json.loads((folder / MANIFEST).read_text())
-    for name, digest in manifest["files"].items():
-        path = folder / name
-        if not path.is_file():
-            raise WeightsError(f"{path}: missing; regenerate the nano teacher with `{REGENERATE}`")
-        if sha256_file(path) != digest:
-            raise WeightsError(f"{path}: sha256 does not match {MANIFEST} (corrupt or edited); "
-                               f"regenerate the nano teacher with `{REGENERATE}` or restore it from git")
-    return manifest
-
-
-def load_teacher(folder: Path = SHIPPED_TEACHER) -> models.AnimaComponents:
-    verify_teacher(folder)
-    return load_diffusers_folder(folder)
-
-
 def teacher_config(params) -> FlowMatchingConfig:
     """The flow-matching settings of the nano teacher, from the `teacher` section of the parameters."""
     t = params.teacher
@@ -161,7 +123,6 @@ def teacher_config(params) -> FlowMatchingConfig:
 
 
 def main(argv=None):
-    from ..config import load_config
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="nano")
     parser.add_argument("--set", action="append", default=[], dest="overrides", help="e.g. teacher.minutes=60")
@@ -187,6 +148,15 @@ def main(argv=None):
     print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=2))
     print(f"saved {target}")
     return 0
+
+
+# --- 00_nano_teacher's checks ------------------------------------------------------------------------------------------
+
+def judge(manifest: dict) -> list[Check]:
+    """00's check, on the manifest `verify_teacher` returned (it raises on a missing or altered file, so reaching this
+    means every file the manifest lists matched its sha256): the manifest vouches for at least one weight file."""
+    files = manifest.get("files") or {}
+    return [Check(f"every weight file matches the manifest's sha256 ({len(files)} files)", bool(files))]
 
 
 if __name__ == "__main__":

@@ -8,12 +8,18 @@ the format handles them, biases) is bf16.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
+from ..networks import ANIMA_2B_TRANSFORMER, build_meta_anima_2b
 from .packed import resolve_policy
 
 GB, GIB = 1e9, 2 ** 30
 GGML_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}
+PARTS = ("transformer", "text_encoder", "text_conditioner", "vae_decoder")
+ANIMA_2B_BLOCKS = ANIMA_2B_TRANSFORMER["num_layers"]   # transformer blocks of the real DiT
+_BLOCK_RULE = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 
 # The DiT policy: embedders, time path and final layer stay bf16; the low-rank adaLN modulation goes to 8 bits;
 # every other Linear in the blocks (attention, cross-attention, MLP) is 4-bit group 32 (quantization.md §6).
@@ -55,7 +61,6 @@ def vae_decoder(vae: torch.nn.Module) -> torch.nn.Module:
 def anima_ledger(scenarios: dict[str, dict]) -> dict[str, dict]:
     """scenarios: {name: {"transformer": fmt, "text_encoder": fmt, "text_conditioner": fmt, "vae_decoder": fmt}}
     -> {name: {component: bytes, ..., "total_GB", "total_GiB"}} for the real Anima configs (meta device)."""
-    from ..models import build_meta_anima_2b
     meta = build_meta_anima_2b()
     parts = {"transformer": meta["transformer"], "text_encoder": meta["text_encoder"],
              "text_conditioner": meta["text_conditioner"], "vae_decoder": vae_decoder(meta["vae"])}
@@ -67,9 +72,26 @@ def anima_ledger(scenarios: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
+def policy_for_blocks(policy: dict, from_blocks: int, to_blocks: int) -> dict:
+    """A policy measured on a `from_blocks`-block DiT applied to a `to_blocks`-block one: a rule for block i (a
+    measured per-layer override) covers the blocks at the same relative depth, [i·to/from, (i+1)·to/from); patterns
+    without a block number are kept as they are."""
+    layers = {}
+    for pattern, rule in policy.get("layers", {}).items():
+        match = _BLOCK_RULE.match(pattern)
+        if match is None:
+            layers[pattern] = rule
+            continue
+        i = int(match.group(1))
+        for j in range(i * to_blocks // from_blocks, (i + 1) * to_blocks // from_blocks):
+            layers[f"transformer_blocks.{j}.{match.group(2)}"] = rule
+    return {**policy, "layers": layers}
+
+
+PLANNED = "planned: DiT 4-bit g32 policy, TE Q8_0"
 SCENARIOS = {
     "all bf16": {"transformer": "bf16", "text_encoder": "bf16", "text_conditioner": "bf16", "vae_decoder": "bf16"},
-    "planned: DiT 4-bit g32 policy, TE Q8_0": {
+    PLANNED: {
         "transformer": DIT_POLICY, "text_encoder": "q8_0", "text_conditioner": "q8_0", "vae_decoder": "bf16"},
     "DiT 4-bit g64 policy, TE Q8_0": {
         "transformer": {**DIT_POLICY, "group_size": 64}, "text_encoder": "q8_0", "text_conditioner": "q8_0",

@@ -80,10 +80,16 @@ def unpack(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     return codes.reshape(*shape[:-1], length)
 
 
-def _search(groups: torch.Tensor, bits: int, dtype: torch.dtype, shrink_steps: int = 12) -> tuple:
+def search_params(groups: torch.Tensor, bits: int, dtype: torch.dtype, importance: torch.Tensor | None = None,
+                  shrink_steps: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip search: shrink the group's range toward its centre by up to 30%, keep the (scale, bias) pair with the
-    lowest squared error after storing them in `dtype`, then refit scale/bias by least squares on the chosen codes."""
+    lowest squared error after storing them in `dtype`, then refit scale/bias by least squares on the chosen codes.
+
+    `importance` (broadcastable to groups, e.g. [gs] or [G, gs]: the mean square of each input channel over calibration
+    activations) weights each weight's error, so the fit spends its levels where the layer's inputs are large (the
+    activation-aware fit; None = every weight counts the same). Returns (scale, bias) [..., G, 1] as stored, in fp32."""
     n_bins = 2 ** bits - 1
+    weight = torch.ones_like(groups) if importance is None else importance.float().expand_as(groups)
     best_err = best_scale = best_bias = None
     w_max, w_min = groups.amax(-1, keepdim=True), groups.amin(-1, keepdim=True)
     centre, half = (w_max + w_min) / 2, (w_max - w_min) / 2
@@ -94,7 +100,7 @@ def _search(groups: torch.Tensor, bits: int, dtype: torch.dtype, shrink_steps: i
         bias = lo
         scale_s, bias_s = scale.to(dtype).float(), bias.to(dtype).float()
         q = codes_for(groups, scale_s, bias_s, bits)
-        err = ((q * scale_s + bias_s - groups) ** 2).sum(-1, keepdim=True)
+        err = (weight * (q * scale_s + bias_s - groups) ** 2).sum(-1, keepdim=True)
         if best_err is None:
             best_err, best_scale, best_bias = err, scale_s, bias_s
         else:
@@ -102,16 +108,17 @@ def _search(groups: torch.Tensor, bits: int, dtype: torch.dtype, shrink_steps: i
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, scale_s, best_scale)
             best_bias = torch.where(better, bias_s, best_bias)
-    # least-squares refit of (scale, bias) for the chosen codes, kept only where it helps after rounding
+    # (weighted) least-squares refit of (scale, bias) for the chosen codes, kept only where it helps after rounding
     q = codes_for(groups, best_scale, best_bias, bits)
-    q_mean, w_mean = q.mean(-1, keepdim=True), groups.mean(-1, keepdim=True)
-    var_q = ((q - q_mean) ** 2).sum(-1, keepdim=True)
-    fit_scale = torch.where(var_q > 0, ((q - q_mean) * (groups - w_mean)).sum(-1, keepdim=True)
+    total = weight.sum(-1, keepdim=True).clamp_min(1e-30)
+    q_mean, w_mean = (weight * q).sum(-1, keepdim=True) / total, (weight * groups).sum(-1, keepdim=True) / total
+    var_q = (weight * (q - q_mean) ** 2).sum(-1, keepdim=True)
+    fit_scale = torch.where(var_q > 0, (weight * (q - q_mean) * (groups - w_mean)).sum(-1, keepdim=True)
                             / var_q.clamp_min(1e-12), best_scale)
     fit_bias = w_mean - fit_scale * q_mean
     fit_scale_s, fit_bias_s = fit_scale.to(dtype).float(), fit_bias.to(dtype).float()
     q_fit = codes_for(groups, fit_scale_s, fit_bias_s, bits)
-    fit_err = ((q_fit * fit_scale_s + fit_bias_s - groups) ** 2).sum(-1, keepdim=True)
+    fit_err = (weight * (q_fit * fit_scale_s + fit_bias_s - groups) ** 2).sum(-1, keepdim=True)
     better = fit_err < best_err
     return torch.where(better, fit_scale_s, best_scale), torch.where(better, fit_bias_s, best_bias)
 
@@ -129,7 +136,7 @@ def quantize(weight: torch.Tensor, group_size: int = 32, bits: int = 4, method: 
     dtype = weight.dtype
     groups = weight.float().reshape(*weight.shape[:-1], -1, group_size)
     if method == "search":
-        scale_s, bias_s = _search(groups, bits, dtype)
+        scale_s, bias_s = search_params(groups, bits, dtype)
         codes = codes_for(groups, scale_s, bias_s, bits)
         scale, bias = scale_s, bias_s
     else:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..io import atomic_write_json, load_finite
-from . import mlx_affine
+from . import calibrated, mlx_affine
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -42,9 +42,10 @@ class QuantizedLinear(torch.nn.Module):
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, bits: int, group_size: int, method: str = "rerround",
-                    dtype: torch.dtype = torch.bfloat16) -> "QuantizedLinear":
+                    dtype: torch.dtype = torch.bfloat16, gram: Optional[calibrated.Gram] = None) -> "QuantizedLinear":
+        """`gram`: the layer's calibration inputs, needed by the calibrated methods (calibrated.CALIBRATED)."""
         layer = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None, dtype)
-        words, scales, biases = mlx_affine.quantize(linear.weight.detach().to(dtype), group_size, bits, method)
+        words, scales, biases = calibrated.quantize_weight(linear.weight, group_size, bits, method, dtype, gram)
         layer.weight.copy_(words)
         layer.scales.copy_(scales)
         layer.biases.copy_(biases)
@@ -63,7 +64,8 @@ class QuantizedLinear(torch.nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
 
-def _set_module(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+def set_module(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    """Put `module` at the dotted path `name` under `root` (replacing what was there)."""
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
@@ -94,11 +96,23 @@ def resolve_policy(model: torch.nn.Module, policy: dict) -> tuple[dict, dict]:
 
 
 def quantize_model(model: torch.nn.Module, policy: dict, method: str = "rerround",
-                   dtype: torch.dtype = torch.bfloat16) -> tuple[torch.nn.Module, dict, dict]:
-    """Replace the policy's Linears by QuantizedLinear in place; the rest of the model is cast to `dtype`."""
+                   dtype: torch.dtype = torch.bfloat16,
+                   calibration: Optional[dict[str, calibrated.Gram]] = None) -> tuple[torch.nn.Module, dict, dict]:
+    """Replace the policy's Linears by QuantizedLinear in place; the rest of the model is cast to `dtype`.
+    `calibration` ({layer: Gram} from calibrated.collect_grams on the unquantized model) is needed by awq and gptq;
+    awq first folds its activation-aware scales into the model (to_v rows / s, to_out columns × s)."""
     chosen, kept = resolve_policy(model, policy)
+    grams = dict(calibration or {})
+    if method in calibrated.CALIBRATED:
+        missing = sorted(set(chosen) - set(grams))
+        if missing:
+            raise ValueError(f"method {method!r} needs calibration inputs for every quantized layer; none for "
+                             f"{missing[:5]}")
+        if method == "awq":
+            calibrated.fold_awq_scales(model, grams, chosen, dtype)
     for name, fmt in chosen.items():
-        _set_module(model, name, QuantizedLinear.from_linear(model.get_submodule(name), method=method, dtype=dtype, **fmt))
+        set_module(model, name, QuantizedLinear.from_linear(model.get_submodule(name), method=method, dtype=dtype,
+                                                            gram=grams.get(name), **fmt))
     for module in model.modules():
         if not isinstance(module, QuantizedLinear):
             for p in module.parameters(recurse=False):
@@ -152,7 +166,7 @@ def load_packed(folder: Path, build_model) -> torch.nn.Module:
                              f"{(module.out_features, expected_words)} and scales "
                              f"{(module.out_features, module.in_features // fmt['group_size'])}; the file holds "
                              f"{tuple(words.shape)} and {tuple(scales.shape)}")
-        _set_module(model, name, QuantizedLinear(module.in_features, module.out_features, fmt["bits"],
+        set_module(model, name, QuantizedLinear(module.in_features, module.out_features, fmt["bits"],
                                                  fmt["group_size"], module.bias is not None, scales.dtype,
                                                  device="meta"))
     missing = set(model.state_dict()) - set(tensors)

@@ -1,0 +1,366 @@
+"""The quantization stage (notebook 04) as library code: the distilled student's DiT quantized with MLX affine under a
+measured policy and written as a pre-packed checkpoint (what the engine loads), the text encoder as Q8_0 GGUF, the
+memory ledger of the real Anima, the engine's parity fixtures, and `judge`, the stage's pass/fail rules.
+
+Inputs the student really sees: `CALIBRATION_PROMPTS` gate prompts, its 4-step chain with the gate's noise, every
+step's (x, σ, context) — the calibration of awq/gptq, the output-cosine sensitivity and the fidelity table. The detail
+sensitivity (quant.sensitivity: detail, nano worlds) samples `DETAIL_PROMPTS` gate prompts at `DETAIL_STEPS` and reads
+the images with the detail-strict reader.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .. import fixtures, gate, sampler, text, worlds
+from ..checks import Check
+from ..networks import transformer_velocity
+from . import calibrated, ledger, load_memory, mlx_affine, packed, policy as quant_policy, q8_0
+
+QUANTIZED = "quantized"            # outputs/<run>/quantized: the packed student and the text encoder GGUF
+STUDENT_FOLDER = "student"
+TEXT_ENCODER_GGUF = "text_encoder_q8_0.gguf"
+CALIBRATION_PROMPTS = 16           # gate prompts (one seed each) whose 4-step student chains calibrate and probe
+CALIBRATION_STEPS = 4
+DETAIL_PROMPTS = 64                # gate prompts (one seed each) the detail sensitivity samples
+DETAIL_STEPS = (1,)                # student step counts it samples: 1 step is where 4-bit costs most eye detail
+WEIGHT_ERROR_BITS = (3, 8)         # besides quant.bits: the widths of the data-free method table
+FIXTURE_PROMPTS = 4
+
+# judge's thresholds
+LEDGER_BUDGET_GB = 2.5             # the planned Anima (DiT policy + Q8_0 text encoder + bf16 VAE decoder) must fit
+SEARCH_OVER_MINMAX_MAX = 1.0       # clip search's weight error / min-max's at quant.bits must be below this
+GGUF_READBACK_MAX_DIFF = 0.0       # gguf-py must read back exactly what we wrote
+REPLAY_MIN_COSINE = fixtures.WORST_ROW_COSINE_GATE   # the parity fixtures replay through the quantized student
+
+
+def quantized_root(params) -> Path:
+    return params.output_path() / QUANTIZED
+
+
+def quantized_dir(params) -> Path:
+    """The pre-packed student checkpoint (MLX layout) 04 writes and 05 scores as student_q<bits>."""
+    return quantized_root(params) / STUDENT_FOLDER
+
+
+def text_encoder_gguf(params) -> Path:
+    return quantized_root(params) / TEXT_ENCODER_GGUF
+
+
+def load_quantized_student(params, float32: bool = True) -> Optional[torch.nn.Module]:
+    """The packed student (packed words stay packed; `float32`: scales and kept weights cast to fp32 for compute, as
+    the gate scores it), or None when 04 has not written it."""
+    folder = quantized_dir(params)
+    if not (folder / packed.CONFIG).is_file():
+        return None
+    from diffusers import CosmosTransformer3DModel
+    model = packed.load_packed(folder, lambda cfg: CosmosTransformer3DModel.from_config(cfg))
+    return model.float() if float32 else model
+
+
+# --- the student's own inputs -----------------------------------------------------------------------------------------
+
+@dataclass
+class StudentInputs:
+    """The student's sampler inputs on a few gate prompts: `noises` (the gate's, one per step), the Q8_0 `context`,
+    and the `trace` of the full-precision student's 4-step chain ({"x", "sigma", ...} per step)."""
+    params: object
+    noises: list
+    context: torch.Tensor
+    trace: list = field(default_factory=list)
+
+    def chain(self, model: torch.nn.Module, steps: int) -> torch.Tensor:
+        """Final latents of `model`'s `steps`-step chain from the same noise."""
+        return sampler.student_sample(model, self.noises[:steps], self.context, self.params)
+
+    @torch.no_grad()
+    def run(self, model: torch.nn.Module) -> torch.Tensor:
+        """`model`'s velocity at every traced step (the full-precision chain's inputs), concatenated."""
+        return torch.cat([transformer_velocity(model, step["x"], step["sigma"], self.context) for step in self.trace])
+
+
+def gate_subset_inputs(params, components, n_prompts: int, steps: int) -> tuple[object, gate.GateSet, list, torch.Tensor]:
+    """(params with the smaller gate, its gate set, the gate's noises for `steps` steps, the Q8_0 context)."""
+    subset = worlds.with_gate_size(params, n_prompts=n_prompts)
+    gate_set = gate.gate_set(subset)
+    shape = components.latent_shape(params.gate.image_size)
+    noises = [gate.gate_noise(subset, shape, gate_set, gate.MAIN).to(components.device)] + [
+        gate.gate_noise(subset, shape, gate_set, 2 + k).to(components.device) for k in range(steps - 1)]
+    context = text.text_path_at(components, "q8_0").encode_prompts(gate_set.prompts).float()
+    return subset, gate_set, noises, context
+
+
+def student_inputs(params, components, student: torch.nn.Module, n_prompts: int = CALIBRATION_PROMPTS,
+                   steps: int = CALIBRATION_STEPS) -> StudentInputs:
+    subset, gate_set, noises, context = gate_subset_inputs(params, components, n_prompts, steps)
+    inputs = StudentInputs(subset, noises, context)
+    sampler.student_sample(student, noises, context, subset, trace=inputs.trace)
+    return inputs
+
+
+# --- tables -----------------------------------------------------------------------------------------------------------
+
+def quantizable_linears(model: torch.nn.Module, group_size: int) -> dict[str, torch.nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.in_features % group_size == 0}
+
+
+def method_errors(model: torch.nn.Module, group_size: int, bits_list) -> dict[str, dict]:
+    """Relative weight error ‖Ŵ − W‖/‖W‖ of the data-free methods over every Linear of row length divisible by the
+    group size, bf16 weights as stored: {"<bits>-bit g<gs>": {method: error, "search vs minmax": ratio}}."""
+    linears = quantizable_linears(model, group_size)
+    table = {}
+    for bits in sorted(set(bits_list)):
+        row = {}
+        for method in mlx_affine.METHODS:
+            num = den = 0.0
+            for layer in linears.values():
+                w = layer.weight.detach().to(torch.bfloat16)
+                deq = mlx_affine.dequantize(*mlx_affine.quantize(w, group_size, bits, method), group_size, bits,
+                                            torch.float32)
+                num += float((deq - w.float()).pow(2).sum())
+                den += float(w.float().pow(2).sum())
+            row[method] = (num / den) ** 0.5
+        row["search vs minmax"] = row["search"] / row["minmax"]
+        table[f"{bits}-bit g{group_size}"] = row
+    return table
+
+
+def policy_rows(model: torch.nn.Module, chosen: dict, kept: dict, default_fmt: dict, sensitivity: dict,
+                detail: Optional[dict] = None) -> dict[str, dict]:
+    """Per Linear: its format, why, its parameter count and the measured sensitivities."""
+    rows = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            f = chosen.get(name)
+            rows[name] = {"format": f"{f['bits']}-bit g{f['group_size']}" if f else "bf16",
+                          "why": kept.get(name, "sensitive" if f and f != default_fmt else "default"),
+                          "params": module.weight.numel(),
+                          "single-layer cosine": sensitivity.get(name, float("nan"))}
+            if detail is not None:
+                rows[name]["single-layer eyes drop"] = detail.get(name, float("nan"))
+    return rows
+
+
+def params_by_format(rows: dict[str, dict]) -> dict[str, dict]:
+    out: dict[str, int] = {}
+    for r in rows.values():
+        out[r["format"]] = out.get(r["format"], 0) + r["params"]
+    return {k: {"Linear params": v} for k, v in out.items()}
+
+
+def eyes_score(params, components, n_prompts: int = DETAIL_PROMPTS,
+               steps=DETAIL_STEPS) -> Callable[[torch.nn.Module], float]:
+    """score(model) = the detail-strict reader's mean probability of the prompted eye count over the student images
+    `model` samples at `steps` from the gate's noise (nano worlds only: the reader reads creatures)."""
+    from ..nano_world import detail_reader
+    subset, gate_set, noises, context = gate_subset_inputs(params, components, n_prompts, max(steps))
+    reader = detail_reader.load_detail_reader()
+    eyes = detail_reader.READ_VALUES["eyes"]
+    target = torch.tensor([eyes.index(gate_set.attributes[p]["eyes"]) for p in gate_set.image_prompt])
+
+    @torch.no_grad()
+    def score(model: torch.nn.Module) -> float:
+        total = 0.0
+        for k in steps:
+            images = components.codec.decode(sampler.student_sample(model, noises[:k], context, subset)).float().cpu()
+            probs = detail_reader.read_details(reader, images).probs["eyes"]
+            total += float(probs.gather(1, target[:, None]).mean())
+        return total / len(steps)
+    return score
+
+
+def fidelity(student: torch.nn.Module, inputs: StudentInputs, options: dict[str, Callable[[], torch.nn.Module]],
+             steps) -> dict[str, dict]:
+    """Per option: final-latent cosine to the full-precision student after k steps (mean and worst image)."""
+    reference = {k: inputs.chain(student, k) for k in steps}
+    table = {}
+    for label, build in options.items():
+        model, row = build(), {}
+        for k in steps:
+            cos = torch.nn.functional.cosine_similarity(inputs.chain(model, k).flatten(1).double(),
+                                                        reference[k].flatten(1).double(), dim=1)
+            row[f"@{k} mean"], row[f"@{k} worst"] = float(cos.mean()), float(cos.min())
+        table[label] = row
+    return table
+
+
+def ledger_table(rows: dict[str, dict]) -> dict[str, dict]:
+    return {name: {**{p: row[p] / ledger.GB for p in ledger.PARTS}, "total GB": row["total_GB"],
+                   "total GiB": row["total_GiB"], f"≤ {LEDGER_BUDGET_GB} GB": row["total_GB"] <= LEDGER_BUDGET_GB,
+                   "≤ 2.0 GB": row["total_GB"] <= 2.0}
+            for name, row in rows.items()}
+
+
+def gguf_readback(text_encoder: torch.nn.Module, path: Path) -> tuple[dict, float]:
+    """Write the text encoder as Q8_0 GGUF and read it back with gguf-py: (write stats, max |gguf-py − ours|)."""
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import dequantize as gguf_dequantize
+    stats = q8_0.write_text_encoder_gguf(text_encoder, path)
+    by_gguf_name = {q8_0.gguf_tensor_name(k): v for k, v in text_encoder.state_dict().items()}
+    diff = 0.0
+    for tensor in GGUFReader(path).tensors:
+        ours = by_gguf_name[tensor.name].float()
+        if tensor.tensor_type == GGMLQuantizationType.Q8_0:
+            ours = q8_0.fake_quantize(ours)
+            theirs = torch.from_numpy(gguf_dequantize(tensor.data, tensor.tensor_type)).reshape(ours.shape)
+        else:
+            theirs = torch.from_numpy(tensor.data.copy()).reshape(ours.shape)
+        diff = max(diff, float((ours - theirs).abs().max()))
+    return stats, diff
+
+
+# --- the stage --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class QuantizeResult:
+    fmt: dict                      # the default {"bits", "group_size"}
+    method: str
+    policy: dict                   # the DiT policy written into the checkpoint
+    chosen: dict                   # {layer: format} quantized
+    kept: dict                     # {layer: reason} left in bf16
+    method_error: dict             # data-free methods' weight error (table)
+    sensitivity: dict              # {layer: single-layer output cosine}
+    detail_drop: Optional[dict]    # {layer: single-layer eyes-probability drop} (quant.sensitivity: detail)
+    policy_rows: dict
+    load_row: dict                 # packed size, bit-exact reload, load memory
+    fidelity: dict                 # latent cosine per option
+    chosen_label: str
+    ledger_rows: dict              # anima_ledger(...) raw rows (bytes)
+    gguf_stats: dict
+    gguf_readback_diff: float
+    fixture_dir: Path
+    fixture_index: dict
+    replayed: dict                 # {fixture output: worst-row cosine}
+    quantized: torch.nn.Module = field(repr=False)
+    planned_scenario: str = ledger.PLANNED
+
+    @property
+    def reloaded_exact(self) -> bool:
+        return bool(self.load_row["reloaded == in-memory (bit-exact outputs)"])
+
+    @property
+    def packed_over_bf16(self) -> float:
+        return self.load_row["packed / bf16"]
+
+
+def run_quantize(params, components, student: torch.nn.Module, progress: Callable[[str], None] = lambda s: None
+                 ) -> QuantizeResult:
+    """Everything notebook 04 shows, computed: see the module docstring."""
+    q = params.quant
+    fmt = {"bits": q.bits, "group_size": q.group_size}
+    inputs = student_inputs(params, components, student)
+    progress("method errors")
+    method_error = method_errors(student, q.group_size, (q.bits, *WEIGHT_ERROR_BITS))
+    base_policy = {**ledger.DIT_POLICY, **fmt}
+    every_linear = [n for n, m in student.named_modules() if isinstance(m, torch.nn.Linear)]
+    calibration = calibrated.collect_grams(student, inputs.run, every_linear)   # awq / gptq: each layer's inputs
+    progress("sensitivity")
+    sensitivity = quant_policy.layer_sensitivity(student, inputs.run, fmt, method=q.method, calibration=calibration)
+    dit_policy = quant_policy.policy_from_sensitivity(sensitivity, base_policy, q.sensitivity_threshold)
+    drops = None
+    if q.sensitivity == "detail":   # each layer the policy puts at the default format, quantized alone
+        default_layers = [n for n, f in packed.resolve_policy(student, dit_policy)[0].items() if f == fmt]
+        drops = quant_policy.detail_drop(student, eyes_score(params, components), fmt, q.method, calibration,
+                                         default_layers)
+        dit_policy = quant_policy.policy_from_detail(drops, dit_policy, q.detail_threshold)
+
+    progress("quantize and pack")
+    quantized, chosen, kept = packed.quantize_model(copy.deepcopy(student), dit_policy, q.method, torch.bfloat16,
+                                                    calibration)
+    folder = quantized_dir(params)
+    packed.save_packed(quantized, folder, dit_policy, chosen, kept, dict(components.transformer.config))
+    reloaded, step = load_quantized_student(params, float32=False), inputs.trace[0]
+    same = torch.equal(transformer_velocity(reloaded, step["x"], step["sigma"], inputs.context),
+                       transformer_velocity(quantized, step["x"], step["sigma"], inputs.context))
+    size = (folder / packed.WEIGHTS).stat().st_size
+    fp_bytes = 2 * sum(p.numel() for p in student.parameters())
+    rss = load_memory.measure("packed", folder, threads=params.run.threads)
+    load_row = {"packed file bytes": size, "bf16 bytes (2 B/param)": fp_bytes, "packed / bf16": size / fp_bytes,
+                "reloaded == in-memory (bit-exact outputs)": same,
+                "load: RSS above base, peak MB": (rss["peak"] - rss["base"]) / 1e6,
+                "load: RSS above base, steady MB": (rss["steady"] - rss["base"]) / 1e6}
+
+    progress("fidelity")
+    chosen_label = f"policy, {q.method} (chosen)"
+
+    def build(pol, method):
+        return lambda: packed.quantize_model(copy.deepcopy(student), pol, method, torch.bfloat16, calibration)[0]
+
+    options = {(chosen_label if m == q.method else f"policy, {m}"):
+               ((lambda: quantized) if m == q.method else build(dit_policy, m)) for m in calibrated.METHODS}
+    options.update({
+        "all eligible 4-bit g32 (no policy)": build({"bits": 4, "group_size": 32, "layers": {}}, q.method),
+        "mixed 3/4-bit (MLP 3-bit)": build({**dit_policy, "layers": {
+            **dit_policy["layers"], "transformer_blocks.*.ff.*": {"bits": 3, "group_size": 32}}}, q.method),
+        "3-bit g32 policy": build({**dit_policy, "bits": 3}, q.method)})
+    fidelity_table = fidelity(student, inputs, options, params.gate.student_steps)
+
+    progress("ledger")
+    scenarios = {**ledger.SCENARIOS, f"this run's policy ({q.method}) at 2B, TE Q8_0": {
+        **ledger.SCENARIOS[ledger.PLANNED],
+        "transformer": ledger.policy_for_blocks(dit_policy, len(student.transformer_blocks), ledger.ANIMA_2B_BLOCKS)}}
+    ledger_rows = ledger.anima_ledger(scenarios)
+
+    progress("text encoder GGUF")
+    gguf_stats, readback_diff = gguf_readback(components.text_encoder, text_encoder_gguf(params))
+
+    progress("parity fixtures")
+    fixture_dir = params.output_path() / "fixtures"
+    as_float = copy.deepcopy(quantized).float()
+    index = fixtures.write(fixture_dir, components, as_float, gate.gate_set(inputs.params).prompts[:FIXTURE_PROMPTS],
+                           params)
+    replayed = fixtures.replay(fixture_dir, components, as_float)
+    return QuantizeResult(
+        fmt=fmt, method=q.method, policy=dit_policy, chosen=chosen, kept=kept, method_error=method_error,
+        sensitivity=sensitivity, detail_drop=drops,
+        policy_rows=policy_rows(student, chosen, kept, fmt, sensitivity, drops), load_row=load_row,
+        fidelity=fidelity_table, chosen_label=chosen_label, ledger_rows=ledger_rows, gguf_stats=gguf_stats,
+        gguf_readback_diff=readback_diff, fixture_dir=fixture_dir, fixture_index=index, replayed=replayed,
+        quantized=quantized)
+
+
+# --- pass / fail --------------------------------------------------------------------------------------------------------
+
+def judge(reloaded_exact: bool, replay_worst_cosine: float, gguf_readback_diff: float, planned_ledger_gb: float,
+          search_over_minmax: float, bits: int) -> list[Check]:
+    """The stage's checks, each naming the measured value and its threshold."""
+    return [
+        Check("pre-packed checkpoint reloads bit-exactly", bool(reloaded_exact)),
+        Check(f"fixtures replay ≥ {REPLAY_MIN_COSINE} (worst {replay_worst_cosine:.6f})",
+              replay_worst_cosine >= REPLAY_MIN_COSINE),
+        Check(f"GGUF text encoder reads back exactly (max diff {gguf_readback_diff})",
+              gguf_readback_diff <= GGUF_READBACK_MAX_DIFF),
+        Check(f"planned ledger ≤ {LEDGER_BUDGET_GB} GB ({planned_ledger_gb:.3f} GB)",
+              planned_ledger_gb <= LEDGER_BUDGET_GB),
+        Check(f"search beats min-max at {bits} bits (×{search_over_minmax:.3f})",
+              search_over_minmax < SEARCH_OVER_MINMAX_MAX),
+    ]
+
+
+def judge_result(result: QuantizeResult) -> list[Check]:
+    bits, gs = result.fmt["bits"], result.fmt["group_size"]
+    return judge(result.reloaded_exact, min(result.replayed.values()), result.gguf_readback_diff,
+                 result.ledger_rows[result.planned_scenario]["total_GB"],
+                 result.method_error[f"{bits}-bit g{gs}"]["search vs minmax"], bits)
+
+
+def summary(result: QuantizeResult, steps) -> tuple[dict, str, dict]:
+    """(rows for metrics.json, verdict line, headline) of a run."""
+    bits, gs = result.fmt["bits"], result.fmt["group_size"]
+    chosen_fid = result.fidelity[result.chosen_label]
+    planned = result.ledger_rows[result.planned_scenario]
+    rows = {f"student_q{bits}@{k}": {"latent_cosine_mean": chosen_fid[f"@{k} mean"],
+                                     "latent_cosine_worst": chosen_fid[f"@{k} worst"]} for k in steps}
+    promoted = len([f for f in result.chosen.values() if f != result.fmt])
+    verdict = (f"DiT {bits}-bit g{gs} ({result.method}) + {promoted} layers at 8 bits, {len(result.kept)} kept bf16; "
+               f"packed/bf16 {result.packed_over_bf16:.3f}; latent cosine @4 "
+               f"{chosen_fid.get('@4 mean', float('nan')):.5f} (worst {chosen_fid.get('@4 worst', float('nan')):.5f}); "
+               f"Anima ledger {planned['total_GB']:.3f} GB ({planned['total_GiB']:.3f} GiB) planned")
+    headline = {"ledger_GB": planned["total_GB"], "packed_over_bf16": result.packed_over_bf16,
+                "latent_cosine@4": chosen_fid.get("@4 mean")}
+    return rows, verdict, headline

@@ -1,0 +1,95 @@
+"""The quantization stage's library parts: its pass/fail rules (judge) on synthetic values, where it writes, the
+policy rules (promotion by cosine or by detail drop, per-layer overrides carried to the 2B block count)."""
+import pytest
+import torch
+
+from anima_lib import config
+from anima_lib.quant import ledger, packed, policy, stage
+
+GOOD = dict(reloaded_exact=True, replay_worst_cosine=0.99999, gguf_readback_diff=0.0, planned_ledger_gb=2.26,
+            search_over_minmax=0.9, bits=4)
+
+
+def test_judge_passes_good_values_and_names_every_threshold():
+    checks = stage.judge(**GOOD)
+    assert [c.passed for c in checks] == [True] * 5
+    names = " | ".join(c.name for c in checks)
+    for shown in (f"≥ {stage.REPLAY_MIN_COSINE}", f"≤ {stage.LEDGER_BUDGET_GB} GB (2.260 GB)", "×0.900",
+                  "max diff 0.0"):
+        assert shown in names
+
+
+@pytest.mark.parametrize("key,value,failing", [
+    ("reloaded_exact", False, 0),
+    ("replay_worst_cosine", stage.REPLAY_MIN_COSINE - 1e-6, 1),
+    ("gguf_readback_diff", 1e-7, 2),
+    ("planned_ledger_gb", stage.LEDGER_BUDGET_GB + 0.001, 3),
+    ("search_over_minmax", stage.SEARCH_OVER_MINMAX_MAX, 4),
+])
+def test_judge_fails_exactly_the_broken_check(key, value, failing):
+    checks = stage.judge(**{**GOOD, key: value})
+    assert [i for i, c in enumerate(checks) if not c.passed] == [failing]
+
+
+def test_judge_at_the_thresholds():
+    edge = stage.judge(**{**GOOD, "replay_worst_cosine": stage.REPLAY_MIN_COSINE,
+                          "planned_ledger_gb": stage.LEDGER_BUDGET_GB})
+    assert all(c.passed for c in edge)
+
+
+def test_quantized_paths_live_under_the_run():
+    params = config.load_config("nano", ["run.output_dir=/tmp/anima-q-test", "run.name=r1"])
+    assert stage.quantized_dir(params) == params.output_path() / "quantized" / "student"
+    assert stage.text_encoder_gguf(params).parent == stage.quantized_dir(params).parent
+    assert stage.load_quantized_student(params) is None            # nothing written there yet
+
+
+def test_promotion_by_cosine_and_by_detail_keeps_the_base_rules():
+    base = {"bits": 4, "group_size": 32, "layers": {"proj_out": "keep", "b.*.norm": {"bits": 8, "group_size": 32}}}
+    by_cosine = policy.policy_from_sensitivity({"a": 0.99, "b.0.norm": 0.5, "c": 0.9999}, base, 0.999)
+    assert by_cosine["layers"]["a"] == policy.PROMOTED_FORMAT and "c" not in by_cosine["layers"]
+    assert by_cosine["layers"]["b.*.norm"] == {"bits": 8, "group_size": 32} and "b.0.norm" not in by_cosine["layers"]
+    by_detail = policy.policy_from_detail({"a": 0.02, "c": 0.005, "proj_out": 0.5}, base, 0.01)
+    assert set(by_detail["layers"]) == {"a", "proj_out", "b.*.norm"} and by_detail["layers"]["proj_out"] == "keep"
+
+
+def test_detail_drop_quantizes_one_layer_at_a_time():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    x = torch.randn(16, 64)
+    reference = model(x).detach()
+    seen = []
+
+    def score(m):  # higher is better: minus the output error; records which layers were quantized at each call
+        seen.append(tuple(isinstance(layer, packed.QuantizedLinear) for layer in m))
+        return -float(((m(x) - reference) ** 2).mean())
+    drops = policy.detail_drop(model, score, {"bits": 4, "group_size": 32}, "search")
+    assert seen == [(False, False), (True, False), (False, True)]
+    assert set(drops) == {"0", "1"} and all(d > 0 for d in drops.values())
+    assert all(isinstance(layer, torch.nn.Linear) for layer in model)   # the model is given back unquantized
+
+
+def test_a_measured_policy_reaches_the_2b_blocks_at_the_same_depth():
+    measured = {**ledger.DIT_POLICY, "layers": {"transformer_blocks.0.attn2.to_v": {"bits": 8, "group_size": 32},
+                                                "transformer_blocks.5.ff.net.2": {"bits": 8, "group_size": 32},
+                                                **ledger.DIT_POLICY["layers"]}}
+    scaled = ledger.policy_for_blocks(measured, 6, 28)
+    assert [k for k in scaled["layers"] if k.endswith("attn2.to_v")] == [
+        f"transformer_blocks.{j}.attn2.to_v" for j in range(4)]
+    assert [k for k in scaled["layers"] if k.endswith("ff.net.2")] == [
+        f"transformer_blocks.{j}.ff.net.2" for j in range(23, 28)]
+    assert scaled["layers"]["transformer_blocks.*.norm*.linear_*"] == {"bits": 8, "group_size": 32}
+    rows = ledger.anima_ledger({"planned": ledger.SCENARIOS[ledger.PLANNED],
+                                "measured": {**ledger.SCENARIOS[ledger.PLANNED], "transformer": scaled}})
+    extra = rows["measured"]["transformer"] - rows["planned"]["transformer"]
+    # 4 cross-attention to_v (1024 -> 2048) and 5 MLP down projections (8192 -> 2048) moved from 4-bit g32 (5 bits
+    # per weight with the bf16 scale and bias) to 8-bit g32 (9 bits): 4 more bits per weight
+    assert extra == (4 * 2048 * 1024 + 5 * 2048 * 8192) * 4 // 8
+
+
+def test_detail_sensitivity_is_a_nano_only_parameter():
+    assert config.load_config("nano", ["quant.sensitivity=detail", "quant.method=gptq"]).quant.method == "gptq"
+    with pytest.raises(config.ConfigError, match="quant.sensitivity = 'detail' needs the nano world"):
+        config.load_config("anima-2b", ["quant.sensitivity=detail"], check_paths=False)
+    with pytest.raises(config.ConfigError, match="quant.method"):
+        config.load_config("nano", ["quant.method=nf4"])
