@@ -29,7 +29,7 @@ smoke: $(STAMP)
 # localhost only, token on (jupyter's default); root (common in containers) needs --allow-root or jupyter exits
 LAB_UID ?= $(shell id -u)
 lab: $(STAMP)
-	$(BIN)/jupyter lab notebooks/ --ip=127.0.0.1 $(if $(filter 0,$(LAB_UID)),--allow-root)
+	PYTHONSTARTUP=$(CURDIR)/anima_lib/kernel_startup.py $(BIN)/jupyter lab notebooks/ --ip=127.0.0.1 $(if $(filter 0,$(LAB_UID)),--allow-root)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from . import flow, models, sampler, text
+from .config import resolve_path
 from .checks import Check
 from .io import atomic_write_bytes, atomic_write_json, sha256_file
 
@@ -475,15 +476,13 @@ def cache_folder(params) -> Path:
 def cache_records(params, components=None) -> tuple[list[PromptRecord], list[str]]:
     """The run's prompts and skip reasons; with `components`, prompts over the text path's token limit are skipped too.
     No usable prompt left is a CacheError."""
-    from .models import NANO_MAX_TOKENS, AnimaComponents
     source = params.cache.prompts_file or "cache.n_prompts"
     if not params.cache.prompts_file and params.model.preset != "nano":
         raise CacheError(f"cache.prompts_file is required with model.preset = {params.model.preset!r} (a JSONL of id "
                          f"and prompt: the training prompts); a real model's cache never draws nano creature prompts")
     if params.cache.prompts_file:
-        from .config import resolve_path
         nano = params.model.preset == "nano"
-        limit = NANO_MAX_TOKENS if nano else AnimaComponents.max_tokens
+        limit = models.NANO_MAX_TOKENS if nano else models.AnimaComponents.max_tokens
         records, skipped = read_prompts_jsonl(resolve_path(params.cache.prompts_file),
                                               max_words=limit if nano else None, max_chars=CHARS_PER_TOKEN_CAP * limit)
     else:
@@ -504,32 +503,29 @@ def cache_config(params, teacher_name: str, teacher_sha256: str = "") -> CacheCo
 
 def teacher_name(params) -> str:
     if params.model.preset == "nano":
-        from .models import nano_teacher_folder
-        return "random:%d" % params.run.seed if params.model.nano_weights == "random" else str(nano_teacher_folder(params))
+        return ("random:%d" % params.run.seed if params.model.nano_weights == "random"
+                else str(models.nano_teacher_folder(params)))
     return params.model.diffusers_dir or params.model.comfy_diffusion_model
 
 
 def run_cache(params, repair: bool = False, progress: bool = True) -> dict:
     """Build (or resume, or repair) this run's cache; under torchrun every rank takes its shards, rank 0 merges."""
-    from .models import load_components
     rank, world_size = env_rank()
     if world_size > 1:
         import torch.distributed as dist
         if not dist.is_initialized():
             dist.init_process_group("gloo")
     cache_records(params)  # a prompts file with nothing usable fails here, before the models load
-    components = load_components(params)
+    components = models.load_components(params)
     records, skipped = cache_records(params, components)
     if params.model.preset == "nano":
-        from .models import check_nano_prompts
         try:
-            check_nano_prompts(components, [r.prompt for r in records])
+            models.check_nano_prompts(components, [r.prompt for r in records])
         except ValueError as exc:  # a prompts-file problem, not a bug: the CLI shows it as one line
             raise CacheError(f"{params.cache.prompts_file or 'cache.n_prompts'}: {exc}") from None
     folder = cache_folder(params)
     only = set(verify_cache(folder)["bad"]) if repair else None
-    from .models import weights_digest
-    cfg = cache_config(params, teacher_name(params), weights_digest(components.transformer))
+    cfg = cache_config(params, teacher_name(params), models.weights_digest(components.transformer))
     stats = build_cache(components, records, cfg, folder, rank=rank,
                         world_size=world_size, progress=progress, only_shards=only)
     if world_size > 1:
@@ -541,7 +537,7 @@ def run_cache(params, repair: bool = False, progress: bool = True) -> dict:
     return {**stats, "skipped_prompts": skipped, "folder": str(folder), "world_size": world_size}
 
 
-# --- 01_cache's checks -------------------------------------------------------------------------------------------------
+# --- 01_cache's checks ------------------------------------------------------------------------------------------------
 
 Q8_0_MIN_WORST_ROW_COSINE = 0.999  # the phone's 8-bit text path keeps every token's context direction to this cosine
 

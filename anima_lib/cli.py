@@ -7,6 +7,9 @@
   anima cache verify <cache folder> [--repair params/nano.yaml]
   anima distill params/nano.yaml [--method rcm|scm|lcm] [--set ...]   train or resume a student (also under torchrun:
         torchrun --nproc_per_node=K -m anima_lib.cli distill ...)
+  anima lora transfer params/nano.yaml --lora <LoRA folder or .safetensors> [--set ...]   turn a LoRA made for the
+        teacher into one for the few-step student (07's method) -> outputs/<run>/lora/transfer-<key>/ and a short
+        report in reports/<date>/<run>[-<run.tag>]/
 """
 from __future__ import annotations
 
@@ -45,6 +48,15 @@ def main(argv=None) -> int:
     dist.add_argument("preset")
     dist.add_argument("--method", default="rcm", choices=["rcm", "scm", "lcm"])
     dist.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides")
+    lora_cmd = sub.add_parser("lora", help="style LoRA tools")
+    lora_sub = lora_cmd.add_subparsers(dest="lora_command", required=True)
+    transfer = lora_sub.add_parser("transfer", help="turn a LoRA made for the teacher into one for the few-step student "
+                                   "(DMD against teacher+LoRA, as 07_lora_transfer; resumable)")
+    transfer.add_argument("preset")
+    transfer.add_argument("--lora", required=True, metavar="FOLDER_OR_FILE",
+                          help="a LoRA folder (pytorch_lora_weights.safetensors + manifest.json) or a .safetensors file "
+                               "with diffusers or ComfyUI keys, made for this preset's teacher")
+    transfer.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides")
     args = parser.parse_args(argv)
     try:
         if args.command == "params":
@@ -57,6 +69,8 @@ def main(argv=None) -> int:
             return _cache(args)
         if args.command == "distill":
             return _distill(args)
+        if args.command == "lora":
+            return _lora_transfer(args)
         from .report import run_pipeline  # papermill and friends only once the parameters are valid
         return run_pipeline(args.preset, args.overrides, args.only, with_code=args.with_code)
     except config.ConfigError as exc:
@@ -81,7 +95,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .distill.trainer import DivergenceError
     from .flow_matching import ResumeError
     from .io import NonFiniteWeightsError, WeightsError
-    from .lora import LoraError, StyleDataError
+    from .lora import LoraError
+    from .lora_survival import StyleDataError
     from .report import RunLockedError
     return (CacheError, CheckpointError, DeturboError, DivergenceError, NonFiniteWeightsError, LoraError,
             StyleDataError, WeightsError, RunLockedError, ResumeError, FileNotFoundError, NotADirectoryError,
@@ -126,6 +141,33 @@ def _distill(args) -> int:
     if distiller.rank == 0:
         print(f"{args.method}: {state.iteration} iterations ({state.student_steps} student steps) in {state.wall_s:.0f} s; "
               f"checkpoints in {distill.checkpoint_dir(params, args.method)}")
+    return 0
+
+
+
+def _lora_transfer(args) -> int:
+    import torch
+    from . import distill, lora_transfer, models, report
+    from .distill import deturbo
+    params = config.load_config(args.preset, args.overrides)
+    source = lora_transfer.read_source(args.lora)   # a bad or student LoRA is refused before any model loads
+    if params.run.threads:
+        torch.set_num_threads(params.run.threads)
+    components = models.load_components(params)
+    student = distill.load_student(params, components, "rcm", params.distill.checkpoint)
+    adapter = deturbo.load_deturbo(params, components, student) if source.kind == "deturbo" else None
+    result = lora_transfer.transfer_report(params, components, student, source, adapter)
+    manifest = result["manifest"]
+    if not result["finished"]:
+        print(f"anima: paused at {manifest['generator_steps']}/{params.lora_transfer.generator_steps} generator steps "
+              f"(lora_transfer.minutes={params.lora_transfer.minutes}); the checkpoint is kept — resume with: anima lora "
+              f"transfer {args.preset} --lora {args.lora}" + "".join(f" --set {o}" for o in args.overrides),
+              file=sys.stderr)
+        return 3
+    print(report.markdown_table(result["table"]))
+    print(result["verdict"])
+    print(f"L' ({manifest['generator_steps']} generator steps, {manifest['wall_s'] / 60:.1f} min): {result['folder']}")
+    print(f"report: {result['report']}")
     return 0
 
 

@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .nano_world.prompts import vocabulary  # the nano tokenizer's word list (models.nano_tokenizer); no torch
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_DIR = REPO_ROOT / "params"
 
@@ -436,7 +438,8 @@ class LoraTransferParams:
                                  bounds=(0, 1_000_000))
     regression: bool = _spec(False, help="add the regression of L''s 1-step output onto teacher+L samples from the "
                                          "same noise (cached once)")
-    regression_weight: float = _spec(1.0, help="weight of the sum-reduced regression term (DMD's weight is 1)",
+    regression_weight: float = _spec(0.1, help="weight of the sum-reduced regression term (DMD's weight is 1; on the "
+                                               "2-D toy 0.1 helped at 1 step, 1.0 hurt)",
                                      check=_positive, bounds=(0, 1e6))
     regression_samples: int = _spec(256, help="teacher+L samples made once for the regression",
                                     check=_positive, bounds=(1, 1_000_000))
@@ -738,7 +741,6 @@ def _display(path: Path) -> str:
 
 def _check_nano_negative_prompt(p: Params) -> None:
     """The nano tokenizer is word-level over a closed vocabulary: say so now, not after loading the models."""
-    from .nano_world.prompts import vocabulary  # the nano tokenizer's word list (models.nano_tokenizer); no torch
     allowed = vocabulary()
     unknown = sorted({w for w in p.sampler.negative_prompt.split() if w not in allowed})
     if unknown:

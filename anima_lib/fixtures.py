@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from . import models, sampler, text
 from .io import atomic_write_json, load_finite
+from .quant import mlx_affine
 from .quant.packed import QuantizedLinear
 from .text import worst_row_cosine
 
@@ -112,7 +113,6 @@ def replay(folder: Path, components: models.AnimaComponents, student: torch.nn.M
         results[f"{name[:-12]}.final"] = worst_row_cosine(_latent_rows(final), _latent_rows(stored["final"]))
     weights = load_finite(folder / "weights.safetensors")
     for name, fmt in index.get("weight_formats", {}).items():
-        from .quant import mlx_affine
         deq = mlx_affine.dequantize(weights[f"{name}.weight"], weights[f"{name}.scales"], weights[f"{name}.biases"],
                                     fmt["group_size"], fmt["bits"], torch.float32)
         results[f"weights.{name}"] = worst_row_cosine(deq, weights[f"{name}.dequantized"])

@@ -25,7 +25,9 @@ from typing import Optional
 import torch
 from safetensors.torch import save as safetensors_save
 
-from . import flow, metrics, models, sampler
+from . import flow, metrics, models, sampler, text
+from .cache import CacheError, read_prompts_jsonl
+from .config import ConfigError, gate_prompt_files, resolve_path
 from .io import NonFiniteWeightsError, atomic_write_bytes, atomic_write_json, load_finite, sha256_file
 
 GATE_PROMPT_SEED_OFFSET = 1_000   # gate prompts never coincide with prompts drawn from run.seed elsewhere
@@ -77,8 +79,6 @@ def read_eval_prompts(paths) -> list[EvalPrompt]:
     """Every prompt of the evaluation files, in file order. The files are a fixed protocol, so anything the cache's
     reader would skip (an empty prompt) is an error here, as are per-prompt negatives (the gate samples every row
     with sampler.negative_prompt) and ids repeated across files."""
-    from .cache import CacheError, read_prompts_jsonl
-    from .config import ConfigError
     out, first_seen = [], {}
     for path in paths:
         try:
@@ -108,8 +108,6 @@ def _check_disjoint(params, prompts: list[EvalPrompt]) -> None:
     """No evaluation prompt may be one the student was distilled on (cache.prompts_file)."""
     if params.cache.prompts_file is None:
         return
-    from .cache import read_prompts_jsonl
-    from .config import ConfigError, resolve_path
     training, _ = read_prompts_jsonl(resolve_path(params.cache.prompts_file))
     seen = {normalized_prompt(r.prompt): r.id for r in training}
     shared = [f"{p.id} = {seen[normalized_prompt(p.prompt)]}" for p in prompts if normalized_prompt(p.prompt) in seen]
@@ -124,7 +122,6 @@ def select_evenly(n_available: int, n: int) -> list[int]:
 
 
 def real_gate_set(params) -> GateSet:
-    from .config import ConfigError, gate_prompt_files
     paths = gate_prompt_files(params)
     if not paths:
         raise ConfigError(f"{params.source}: gate.prompts_file is required with model.preset = "
@@ -230,7 +227,6 @@ def sample_student(student, components, params, gate: GateSet, steps: int, preci
     re-noising draw k uses stream 2+k, so every step count and every model sees the same noise per image.
     The prompt goes through the text path at `precision` (Q8_0: what the student was distilled on and the phone runs).
     """
-    from . import text
     shape = components.latent_shape(params.gate.image_size)
     noises = [gate_noise(params, shape, gate, MAIN)] + [gate_noise(params, shape, gate, 2 + k) for k in range(steps - 1)]
     context = text.text_path_at(components, precision).encode_prompts(gate.prompts).float()[gate.image_prompt]

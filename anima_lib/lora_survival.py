@@ -8,6 +8,7 @@ anima_lib.lora; `survival_table` / `survival_verdict` / `judge` turn 06's rows i
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -17,8 +18,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import models, text
+from . import gate, models, text
 from .checks import Check
+from .config import resolve_path
 from .io import atomic_replace_dir, sha256_file
 from .lora import (LoraWeights, adapter_training_config, read_lora, read_manifest, save_lora, style_batches,
                    train_lora)
@@ -144,7 +146,6 @@ def style_folder(params) -> Path:
     under outputs/<run>. A real preset without lora.style_folder is a StyleDataError naming the key: renders of nano
     creatures are no style for a real model."""
     if params.lora.style_folder:
-        from .config import resolve_path
         return resolve_path(params.lora.style_folder)
     if params.model.preset != "nano":
         raise StyleDataError(f"lora.style_folder is required with model.preset = {params.model.preset!r}: a folder "
@@ -214,6 +215,29 @@ def train_style_lora(params, components, way: str, student: torch.nn.Module,
         return style, {**record, "parameters": style.num_parameters()}
     save_lora(style, out, record)
     return lora, read_manifest(out)
+
+
+def styled_rows(params, components, world, reference: torch.nn.Module, student: torch.nn.Module,
+                arms: dict[str, torch.nn.Module], steps) -> tuple[dict[str, dict], dict]:
+    """06's and 07's table: samples of teacher@T, the reference teacher+lora@T (`reference`: the model the style LoRA
+    was made for, with it fused), student@k and every arm '<row prefix>@k' (arms: row prefix -> a student with its
+    LoRA fused) on the world's gate set, scored with style=True against the reference (distances to its other seeds)
+    and renamed by world.lora_rows. Returns (rows, samples)."""
+    T = params.sampler.teacher_steps
+    gate_set = world.gate
+    styled = dataclasses.replace(components, transformer=reference)
+    reference_row = f"teacher+lora@{T}"
+    samples = {f"teacher@{T}": gate.sample_teacher(components, params, gate_set, T),
+               reference_row: gate.sample_teacher(styled, params, gate_set, T)}
+    other_seeds = gate.sample_teacher(styled, params, gate_set, T, stream=gate.NOISE_FLOOR)
+    for k in steps:
+        samples[f"student@{k}"] = gate.sample_student(student, components, params, gate_set, k)
+        for prefix, model in arms.items():
+            samples[f"{prefix}@{k}"] = gate.sample_student(model, components, params, gate_set, k)
+    # style=True: nano scores against renders in the style mode, real against the style folder's CLIP centroid
+    scored = world.score_rows({row: world.keep(images) for row, images in samples.items()}, reference_row,
+                              world.keep(other_seeds), style=True)
+    return world.lora_rows(scored), samples
 
 
 STYLE_TARGETS = {1: 0.8, 2: 0.8, 4: 0.9}   # issue 7: style score vs teacher+LoRA@20 at 1 (and 2) and 4 steps

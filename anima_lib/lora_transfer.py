@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import hashlib
 import json
 import time
@@ -33,11 +34,12 @@ from typing import Callable, Optional
 
 import torch
 
-from . import flow, lora, lora_survival, models, sampler, text
+from . import flow, gate, lora, lora_survival, models, report, sampler, text, worlds
 from .cache import cache_records, nano_prompts
 from .checks import Check
 from .distill.rcm import RCMConfig
 from .distill.trainer import DistillConfig, Distiller
+from .io import atomic_write_json, atomic_write_text
 
 FAKE_ADAPTER = "fake"
 INITS = ("lora", "zeros")
@@ -52,7 +54,7 @@ PARAM_NAMES = {  # DistillConfig field -> the parameter a user sets (refusals to
     "rcm.rollout_mid_times": "sampler.student_mid_times", "rcm.regression_weight": "lora_transfer.regression_weight"}
 
 
-class TransferError(ValueError):
+class TransferError(lora.LoraError):
     """A source LoRA this transfer cannot take (made for another base model, already a student LoRA, ...)."""
 
 
@@ -207,12 +209,8 @@ def transfer_prompts(params, captions: list[str]) -> list[str]:
         generic = [r.prompt for r in nano_prompts(n, seed=params.run.seed + GENERIC_PROMPT_SEED_OFFSET)]
     else:
         records, _ = cache_records(params)
-        generic = [records[i].prompt for i in _evenly(len(records), n)]
+        generic = [records[i].prompt for i in gate.select_evenly(len(records), min(n, len(records)))]
     return list(dict.fromkeys(sorted(set(captions)) + generic))
-
-
-def _evenly(available: int, n: int) -> list[int]:
-    return sorted({round(i * (available - 1) / max(1, n - 1)) for i in range(min(n, available))})
 
 
 class PromptBatches:
@@ -440,3 +438,44 @@ def transfer_verdict(table: dict[str, dict], arms: list[str], steps, zero_cost: 
         best = max(zero_cost, key=zero_cost.get)
         line += f"; zero-cost arm (2-step second time, untransferred L): best t={best:g}, style x{zero_cost[best]:.2f}"
     return line
+
+
+# --- the CLI's ad hoc transfer (`anima lora transfer`) --------------------------------------------------------------------
+
+REPORT_PROMPTS, REPORT_SEEDS = 16, 2   # the short report's gate subset
+
+
+def transfer_report(params, components, student: torch.nn.Module, source: SourceLora,
+                    deturbo_adapter: Optional[lora.LoraWeights] = None, progress: bool = True) -> dict:
+    """Transfer `source` (or resume, or find it finished) and, once finished, score stacked L vs L' at the gate's step
+    counts on a small gate subset against teacher+L@T; writes reports/<date>/<run>[-<tag>]/lora_transfer-<label>.md
+    and .json. Returns {"folder", "manifest", "finished", and when finished "table", "verdict", "report"}."""
+    transferred, manifest = transfer_style_lora(params, components, student, source, deturbo_adapter,
+                                                progress=progress)
+    folder = transfer_folder(params, manifest["settings"])
+    out = {"folder": folder, "manifest": manifest, "finished": manifest["finished"]}
+    if not manifest["finished"]:
+        return out
+    small = dataclasses.replace(params, gate=dataclasses.replace(
+        params.gate, n_prompts=min(REPORT_PROMPTS, params.gate.n_prompts), seeds_per_prompt=REPORT_SEEDS))
+    world = worlds.load_world(small)
+    names = lora_survival.SURVIVAL_METRICS[world.kind]
+    base = source_base(source, components, student, deturbo_adapter)
+    arms = {"student+lora": lora.fused(student, [(source.lora, params.lora.strength)]),
+            "student+transfer": lora.fused(student, [(transferred, 1.0)])}
+    steps = params.gate.student_steps
+    rows, _ = lora_survival.styled_rows(small, components, world, lora.fused(base, [(source.lora, 1.0)]), student, arms,
+                                        steps)
+    table = transfer_table(rows, f"teacher+lora@{params.sampler.teacher_steps}",
+                           {"stacked": "student+lora", "transferred": "student+transfer"}, steps, names)
+    verdict = transfer_verdict(table, ["stacked", "transferred"], steps,
+                               costs={"transferred": manifest["cost_vs_source"]})
+    page = (f"# LoRA transfer: {source.label}\n\nsource `{source.path}` ({source.kind}, sha256 "
+            f"{source.lora.digest()[:16]}...) -> `{folder}`\n\n{manifest['generator_steps']} generator steps in "
+            f"{manifest['wall_s'] / 60:.1f} min; scored on {small.gate.n_prompts} gate prompts x {REPORT_SEEDS} seeds "
+            f"({world.kind} world)\n\n{report.markdown_table(table)}\n\n{verdict}\n")
+    where = params.report_root() / datetime.date.today().isoformat() / params.report_name()
+    atomic_write_text(where / f"lora_transfer-{source.label}.md", page)
+    atomic_write_json(where / f"lora_transfer-{source.label}.json", {"source": manifest["source"], "folder": str(folder),
+                                                                   "rows": rows, "table": table, "verdict": verdict})
+    return {**out, "table": table, "verdict": verdict, "report": where / f"lora_transfer-{source.label}.md"}

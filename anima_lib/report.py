@@ -77,6 +77,7 @@ PIPELINE = (
     Step("04_quantize", needs=("02_distill",)),
     Step("05_quality_gate", needs=("00_nano_teacher", "02_distill")),
     Step("06_lora_survival", needs=("03_deturbo",)),
+    Step("07_lora_transfer", needs=("06_lora_survival",)),
 )
 
 
@@ -154,7 +155,8 @@ BENIGN_WARNINGS = (
 PROGRESS_BARS_OFF_ENV = ("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-class _DropNotice(logging.Filter):
+class DropNotice(logging.Filter):
+    """Drops the records of its logger whose message starts with `pattern` (a regular expression)."""
     def __init__(self, pattern: str):
         super().__init__()
         self.pattern = re.compile(pattern)
@@ -168,8 +170,8 @@ def quiet() -> None:
     (kernel_startup.py); call it at the top of a notebook opened by hand for the same quiet output."""
     for logger_name, pattern in BENIGN_LOG_NOTICES:
         logger = logging.getLogger(logger_name)
-        if not any(isinstance(f, _DropNotice) and f.pattern.pattern == pattern for f in logger.filters):
-            logger.addFilter(_DropNotice(pattern))
+        if not any(isinstance(f, DropNotice) and f.pattern.pattern == pattern for f in logger.filters):
+            logger.addFilter(DropNotice(pattern))
     for category, pattern in BENIGN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=category)
     name, value = PROGRESS_BARS_OFF_ENV
@@ -289,6 +291,7 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; color: #1f2328; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
 th, td {{ border: 1px solid #d0d7de; padding: .4em .7em; text-align: left; vertical-align: top; }}
 th {{ background: #f6f8fa; }}
+td:nth-child(3) {{ white-space: nowrap; }}
 .badge {{ color: white; border-radius: 1em; padding: .1em .7em; font-size: .9em; }}
 pre {{ background: #f6f8fa; padding: 1em; overflow-x: auto; }}
 </style></head>
@@ -523,8 +526,11 @@ def _run_locked(params, preset_path: Path, overrides: list[str], only: Optional[
 
 def markdown_table(rows: dict[str, dict]) -> str:
     """{row: {column: value}} as a Markdown table (how notebooks show metrics without extra dependencies)."""
+    def cell(text) -> str:  # a "|" inside a cell (e.g. "max |Δv|") would end it and break the whole table
+        return str(text).replace("|", "\\|")
+
     columns = list(dict.fromkeys(c for values in rows.values() for c in values))
-    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = ["| | " + " | ".join(cell(c) for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row, values in rows.items():
-        lines.append(f"| {row} | " + " | ".join(_fmt(values.get(c, "")) for c in columns) + " |")
+        lines.append(f"| {cell(row)} | " + " | ".join(cell(_fmt(values.get(c, ""))) for c in columns) + " |")
     return "\n".join(lines)

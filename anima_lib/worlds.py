@@ -37,6 +37,7 @@ from typing import Callable, Optional
 import torch
 
 from . import gate, metrics
+from .config import gate_prompt_files, load_config, resolve_path
 from .checks import Check
 
 NANO, REAL = "nano", "real"
@@ -97,7 +98,6 @@ def production_readers(params) -> RealReaders:
 
 
 def _resolved(path):
-    from .config import resolve_path
     return None if path is None else resolve_path(path)
 
 
@@ -117,9 +117,9 @@ def with_gate_size(params, n_prompts: int, seeds_per_prompt: int = 1):
     """`params` with a smaller gate set (previews, 04's calibration inputs): `n_prompts` prompts x `seeds_per_prompt`,
     nothing else changed and nothing reloaded. A real world holds only the prompts of its files, so there it takes at
     most that many; the nano sampler draws any number (so nano sets are exactly what they always were)."""
-    from .config import gate_prompt_files
     if n_prompts < 1 or seeds_per_prompt < 1:
-        raise ValueError(f"with_gate_size: n_prompts = {n_prompts} and seeds_per_prompt = {seeds_per_prompt} must be >= 1")
+        raise ValueError(f"with_gate_size: n_prompts = {n_prompts} and seeds_per_prompt = {seeds_per_prompt} "
+                         f"must be >= 1")
     if world_kind(params) == REAL:
         held = sum(1 for path in gate_prompt_files(params) for line in path.read_bytes().split(b"\n") if line.strip())
         n_prompts = min(n_prompts, held)
@@ -129,7 +129,6 @@ def with_gate_size(params, n_prompts: int, seeds_per_prompt: int = 1):
 
 def subset_params(preset, overrides: list[str], n_prompts: int, seeds_per_prompt: int = 1):
     """`with_gate_size` of the preset loaded with `overrides` (for callers that hold no params yet)."""
-    from .config import load_config
     return with_gate_size(load_config(preset, overrides), n_prompts, seeds_per_prompt)
 
 

@@ -30,8 +30,9 @@ def import_targets(node, module: str, is_package: bool, known: set[str]) -> set[
     return {t for t in targets if t in known}
 
 
-def import_graph(root: Path = LIB) -> tuple[dict[str, set[str]], dict[str, list[str]]]:
-    """{module: modules it imports anywhere in its source}, {module: 'line: statement' of function-local imports}."""
+def import_graph(root: Path = LIB) -> tuple[dict[str, set[str]], dict[str, list[tuple[str, set[str], str]]]]:
+    """{module: package modules it imports anywhere in its source},
+    {module: [('line: statement', package modules it loads, function) for each function-local import]}."""
     files = {module_name(p, root): p for p in sorted(root.rglob("*.py"))}
     known = set(files)
     graph, local = {}, {}
@@ -45,8 +46,9 @@ def import_graph(root: Path = LIB) -> tuple[dict[str, set[str]], dict[str, list[
         for function in ast.walk(tree):
             if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 local[module] = local.get(module, []) + [
-                    f"{node.lineno}: {ast.unparse(node)}" for node in ast.walk(function)
-                    if isinstance(node, (ast.Import, ast.ImportFrom))]
+                    (f"{node.lineno}: {ast.unparse(node)}", import_targets(node, module, path.name == "__init__.py",
+                                                                           known), function.name)
+                    for node in ast.walk(function) if isinstance(node, (ast.Import, ast.ImportFrom))]
     return graph, local
 
 
@@ -114,13 +116,24 @@ def test_a_function_local_import_circle_is_found(tmp_path):
     graph, local = import_graph(pkg)
     assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.b"] == {"pkg.sub.c"} and graph["pkg.sub.c"] == {"pkg.a"}
     assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.sub.c", "pkg.a"]
-    assert local["pkg.sub.c"] == ["2: from ..a import g"]
+    assert local["pkg.sub.c"] == [("2: from ..a import g", {"pkg.a"}, "f")]
 
 
 @pytest.mark.parametrize("module", TOP_LEVEL_ONLY)
 def test_the_loading_stack_imports_at_module_top_only(module):
     _, local = import_graph()
-    assert local.get(module, []) == [], f"{module}: function-local imports {local[module]}"
+    assert local.get(module, []) == [], f"{module}: function-local imports {[i[0] for i in local[module]]}"
+
+
+def test_the_library_imports_itself_at_module_top_but_for_three_documented_reasons():
+    """Inside functions only: the CLI's commands (`anima --help` loads no torch), a `python -m` entry point's `main`
+    (a measuring subprocess imports after its baseline), and the nano-only world (renderer, probes, detail reader,
+    creature sampling), which a real run must never load (tests/full_width.py guards it)."""
+    _, local = import_graph()
+    hidden = [f"{module}:{text}" for module, imports in local.items() if module != "anima_lib.cli"
+              for text, targets, function in imports if function not in ("main", "_main")
+              and any(not t.startswith("anima_lib.nano_world.") for t in targets)]
+    assert hidden == []
 
 
 def defined_names(module: str) -> list[str]:

@@ -221,7 +221,7 @@ def test_bf16_loads_keep_the_float32_modules_float32_without_the_cast_warning(na
     nano.to(dtype=torch.float32)
 
 
-# --- loading at the run's dtype: float32-kept modules stay float32, no diffusers cast notice ---------------------------
+# --- loading at the run's dtype: float32-kept modules stay float32, no diffusers cast notice --------------------------
 import logging  # noqa: E402
 
 from anima_lib import config, sampler, text  # noqa: E402
@@ -279,7 +279,7 @@ def test_text_path_cast_equals_a_plain_cast(nano):
             assert all(cast[k].dtype == plain[k].dtype and torch.equal(cast[k], plain[k]) for k in plain), name
 
 
-# --- the student's few-step sampler, put together once -----------------------------------------------------------------
+# --- the student's few-step sampler, put together once ----------------------------------------------------------------
 
 def test_velocity_fn_is_the_dit_call(nano):
     x, sigma = torch.randn(2, *nano.latent_shape(32)), torch.tensor([0.3, 0.8])

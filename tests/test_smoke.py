@@ -22,7 +22,7 @@ def test_anima_run_smoke_preset(tmp_path):
     assert result.returncode == (0 if set(statuses.values()) == {"pass"} else 1)
     assert statuses["00_nano_teacher"] == "pass" and statuses["04_quantize"] == "pass"
     assert set(statuses) == {"00_nano_teacher", "01_cache", "02_distill", "03_deturbo", "04_quantize", "05_quality_gate",
-                             "06_lora_survival"}
+                             "06_lora_survival", "07_lora_transfer"}
     rows = gathered["05_quality_gate"]["rows"]
     students = {f"{m}@{k}" for m in ("student", "student_scm", "student_lcm", "student_q4") for k in (1, 2, 4)}
     assert set(rows) == {"renderer", "teacher@1", "teacher@20"} | students
@@ -41,3 +41,5 @@ def test_anima_run_smoke_preset(tmp_path):
     assert all(0 <= r["style_score"] <= 1 for r in lora_rows.values())
     verdict = gathered["06_lora_survival"]["verdict"]
     assert all(f"{w}: " in verdict for w in ("teacher", "deturbo", "student")), verdict
+    transfer_rows = gathered["07_lora_transfer"]["rows"]
+    assert {f"student+transfer_teacher@{k}" for k in (1, 2, 4)} <= set(transfer_rows)

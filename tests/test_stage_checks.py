@@ -12,7 +12,7 @@ def passed(result: list[checks.Check]) -> list[bool]:
     return [c.passed for c in result]
 
 
-# --- 00_nano_teacher ---------------------------------------------------------------------------------------------------
+# --- 00_nano_teacher --------------------------------------------------------------------------------------------------
 
 def test_teacher_judge_needs_a_manifest_that_lists_weight_files():
     assert passed(nano_teacher.judge({"files": {"transformer/model.safetensors": "ab" * 32}})) == [True]
@@ -25,7 +25,7 @@ def test_teacher_judge_passes_the_shipped_teacher():
     assert passed(result) == [True] and "files)" in result[0].name
 
 
-# --- 01_cache ----------------------------------------------------------------------------------------------------------
+# --- 01_cache ---------------------------------------------------------------------------------------------------------
 
 VERIFIED = {"ok": [0, 1], "bad": {}, "expected": 2}
 
@@ -45,7 +45,7 @@ def test_cache_judge_every_prompt_and_every_shard():
     assert passed(result) == [True, False, True] and "(1/2)" in result[1].name
 
 
-# --- 02_distill --------------------------------------------------------------------------------------------------------
+# --- 02_distill -------------------------------------------------------------------------------------------------------
 
 NANO_WORLD, REAL_WORLD = worlds.NanoWorld(None, None, None), worlds.RealWorld(None, None, None)  # beats reads rows only
 
@@ -75,7 +75,7 @@ def test_distill_judge_in_the_real_world_reads_fid_and_clip_score():
     assert passed(distill.judge(rows, REAL_WORLD)) == [False, False]
 
 
-# --- 03_deturbo --------------------------------------------------------------------------------------------------------
+# --- 03_deturbo -------------------------------------------------------------------------------------------------------
 
 def deturbo_rows(ours, floor=10.0, steps=20):
     return {f"teacher@{steps}": {"fd_probe_vs_teacher": floor}, f"student+deturbo@{steps}": {"fd_probe_vs_teacher": ours}}

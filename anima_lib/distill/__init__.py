@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import models
+from ..cache import CacheBatches, cache_folder, env_rank
 from ..checks import Check
 from .rcm import RCMConfig
 from .trainer import DistillConfig, Distiller, DivergenceError, load_student_weights  # noqa: F401
@@ -50,7 +51,6 @@ def build_distiller(params, method: str, components=None, rank: int = 0, world_s
                     log_to_file: bool = True) -> Distiller:
     """Everything a run needs, checked before any training: the cache (built by this teacher), the student (a float32
     copy of the teacher's DiT, or the checkpoint it resumes from)."""
-    from ..cache import CacheBatches, cache_folder
     if method not in ROW_NAMES:
         raise ValueError(f"method {method!r}: allowed {list(ROW_NAMES)}")
     components = components if components is not None else models.load_components(params)
@@ -83,7 +83,6 @@ def start_process(device: str) -> Process:
     """This process's place under torchrun (rank 0 of 1 otherwise), its device selected and, with several processes,
     the process group started: nccl on CUDA, gloo on CPU. CUDA ranks select cuda:LOCAL_RANK before anything is
     allocated or the group starts, so they don't all land on cuda:0 (models then load to 'cuda' = that device)."""
-    from ..cache import env_rank
     rank, world_size = env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":
@@ -112,7 +111,7 @@ def load_student(params, components, method: str = "rcm", checkpoint: str = "las
     return load_student_weights(copy.deepcopy(components.transformer).float(), source)
 
 
-# --- 02_distill's checks -----------------------------------------------------------------------------------------------
+# --- 02_distill's checks ----------------------------------------------------------------------------------------------
 
 # the row 02 judges, and what it must beat: the teacher's own Euler at the same single step (what distilling is for)
 JUDGED_ROW, BASELINE_ROW, BASELINE_LABEL = "student@1", "teacher@1", "teacher Euler@1"

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import flow, lora, models, sampler
+from ..cache import CacheBatches, cache_folder
 from ..checks import Check
 
 
@@ -75,7 +76,6 @@ def student_samples(student: torch.nn.Module, contexts: torch.Tensor, latent_sha
 
 def train_deturbo(params, components, student: torch.nn.Module, progress: bool = True) -> tuple[lora.LoraWeights, dict]:
     """Train A for `student` (or resume, or find it finished); returns A and the manifest."""
-    from ..cache import CacheBatches, cache_folder
     d = params.deturbo
     folder = deturbo_folder(params, components.transformer, student)
     settings = deturbo_settings(params, components.transformer, student)
@@ -141,7 +141,7 @@ def velocity_error_by_time(velocity_fns: dict, teacher_fn, x0: torch.Tensor, con
     return out
 
 
-# --- 03_deturbo's checks -----------------------------------------------------------------------------------------------
+# --- 03_deturbo's checks ----------------------------------------------------------------------------------------------
 
 NOISE_FLOOR_RATIO_MAX = 1.2      # student+A sampled like the teacher: its distance to teacher@T within 1.2x the floor
 ADAPTER_FILE_MAX_ABS_DV = 1e-4   # A loaded from its diffusers-format file reproduces the in-memory A's velocity

@@ -85,6 +85,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..networks import ANIMA_2B_TRANSFORMER, transformer_velocity
+
 GB = 1e9
 TEXT_TOKENS = 512
 IMAGE_TOKENS_1024 = 4096          # 1024^2 px -> 128^2 latent -> 64^2 patches of 2x2
@@ -123,7 +125,6 @@ def parameter_counts(config: Optional[dict] = None) -> ParamCounts:
     from accelerate import init_empty_weights
     from diffusers import CosmosTransformer3DModel
 
-    from ..models import ANIMA_2B_TRANSFORMER
     with init_empty_weights():
         model = CosmosTransformer3DModel(**(config or ANIMA_2B_TRANSFORMER))
     assert all(p.device.type == "meta" for p in model.parameters())
@@ -393,7 +394,6 @@ def measure_outside_point(model: torch.nn.Module, side: int, batch: int, dtype, 
                           generator: torch.Generator, count_context: bool = False) -> tuple[int, int]:
     """Saved bytes of one graph forward of a whole model (for the part outside the blocks: the model built with
     0 blocks). The context is counted only with `count_context` (a 0-block model never reads it)."""
-    from ..models import transformer_velocity
     cfg = model.config
     p = cfg.patch_size
     x = torch.randn(batch, cfg.in_channels, 1, side * p[1], side * p[2], generator=generator).to(dtype)
@@ -475,7 +475,6 @@ def measure_activations(config: Optional[dict] = None, sides=MEASURE_SIDES, dtyp
     from diffusers import CosmosTransformer3DModel
     from diffusers.models.transformers.transformer_cosmos import CosmosTransformerBlock
 
-    from ..models import ANIMA_2B_TRANSFORMER
     config = dict(config or ANIMA_2B_TRANSFORMER)
     _check_sides(config, sides, text_tokens)
     started = time.perf_counter()
@@ -526,7 +525,6 @@ def validate_composition(acts: Activations, config: Optional[dict] = None, layer
     layers x block + outside + context: checks that the per-block measurement composes into the model."""
     from diffusers import CosmosTransformer3DModel
 
-    from ..models import ANIMA_2B_TRANSFORMER
     config = dict(config or ANIMA_2B_TRANSFORMER)
     old_threads = torch.get_num_threads()
     if threads:
@@ -549,7 +547,6 @@ def check_extrapolation(acts: Activations, config: Optional[dict] = None, side: 
     CPU with the JVP) and compare with the fitted coefficients: {quantity: {measured, predicted, ratio}}."""
     from diffusers.models.transformers.transformer_cosmos import CosmosTransformerBlock
 
-    from ..models import ANIMA_2B_TRANSFORMER
     config = dict(config or ANIMA_2B_TRANSFORMER)
     _check_sides(config, (side,), acts.text_tokens)
     old_threads = torch.get_num_threads()

@@ -27,6 +27,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..sampler import guided_velocity
+
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
@@ -86,7 +88,6 @@ def trig_x0(velocity_fn: VelocityFn, x_t: torch.Tensor, t: torch.Tensor, context
 
 def guided(velocity_fn: VelocityFn, negative_context, guidance_scale: float) -> VelocityFn:
     """A velocity function with CFG on velocities baked in (both branches in one batched call)."""
-    from ..sampler import guided_velocity
 
     def fn(x, s, context):
         return guided_velocity(velocity_fn, x, s, context, negative_context, guidance_scale)

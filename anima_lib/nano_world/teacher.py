@@ -150,7 +150,7 @@ def main(argv=None):
     return 0
 
 
-# --- 00_nano_teacher's checks ------------------------------------------------------------------------------------------
+# --- 00_nano_teacher's checks -----------------------------------------------------------------------------------------
 
 def judge(manifest: dict) -> list[Check]:
     """00's check, on the manifest `verify_teacher` returned (it raises on a missing or altered file, so reaching this
