@@ -294,7 +294,7 @@ class QuantParams:
     bits: int = _spec(4, help="MLX-affine bits of the DiT's default layers", allowed=(3, 4, 8), bounds=(3, 8))
     group_size: int = _spec(32, help="MLX-affine group size (consecutive input features sharing a scale and bias)",
                             allowed=(32, 64, 128), bounds=(32, 128))
-    method: str = _spec("search", help="how codes and scales are chosen, all in the same MLX-affine file: 'minmax' "
+    method: str = _spec("awq", help="how codes and scales are chosen, all in the same MLX-affine file: 'minmax' "
                                        "(exactly mlx.core.quantize), 'rerround' (codes re-chosen with the stored "
                                        "scale/bias), 'search' (clip search + least-squares refit), 'awq' (activation-"
                                        "aware: scales folded into to_v/to_out, activation-weighted fit) or 'gptq' "

@@ -36,7 +36,7 @@ def forbid_nano(monkeypatch):
     for module, name in ((renderer, "render"), (renderer, "render_batch"), (prompts, "sample_creatures"),
                          (probes, "load_probe"), (metrics, "ProbeReader"), (metrics, "fd_probe"),
                          (gate, "render_reference"), (gate, "score_rows"), (models, "check_nano_prompts"),
-                         (cache, "nano_prompts"), (lora, "write_nano_style_folder")):
+                         (cache, "nano_prompts"), (lora_survival, "write_nano_style_folder")):
         monkeypatch.setattr(module, name, forbidden)
 
 

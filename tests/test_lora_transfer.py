@@ -273,3 +273,12 @@ def test_zero_cost_arm_changes_only_the_two_step_second_time():
     assert params.sampler.student_mid_times[0] == 1.3   # the run's own parameters are untouched
     assert sampler.student_times(swept, 2)[1] == 0.8 and sampler.student_times(swept, 1) == sampler.student_times(
         params, 1)
+
+
+def test_the_cli_refuses_a_student_lora_before_loading_any_model(nano, tmp_path, capsys):
+    from anima_lib import cli
+    folder = _teacher_lora_folder(nano, tmp_path, way="student")
+    assert cli.main(["lora", "transfer", "smoke", "--lora", str(folder), "--set", f"run.output_dir={tmp_path}"]) == 1
+    assert "already a student LoRA" in capsys.readouterr().err
+    assert cli.main(["lora", "transfer", "smoke", "--lora", str(tmp_path / "none.safetensors")]) == 1
+    assert "no such LoRA file" in capsys.readouterr().err

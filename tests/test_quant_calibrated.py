@@ -20,7 +20,7 @@ def _correlated_inputs(n=4096, k=128, seed=0):
 
 
 def _gram(x):
-    return calibrated.Gram((x.double().T @ x.double()), x.shape[0])
+    return calibrated.Gram((x.double() ** 2).sum(0), x.shape[0], x.T @ x)
 
 
 def _output_error(weight, words_scales_biases, x, group_size, bits):

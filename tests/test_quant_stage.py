@@ -6,7 +6,7 @@ import torch
 from anima_lib import config
 from anima_lib.quant import ledger, packed, policy, stage
 
-GOOD = dict(reloaded_exact=True, replay_worst_cosine=0.99999, gguf_readback_diff=0.0, planned_ledger_gb=2.26,
+GOOD = dict(reloaded_exact=True, replay_worst_cosine=0.99999, gguf_readback_diff=0.0, policy_ledger_gb=2.26,
             search_over_minmax=0.9, bits=4)
 
 
@@ -23,7 +23,7 @@ def test_judge_passes_good_values_and_names_every_threshold():
     ("reloaded_exact", False, 0),
     ("replay_worst_cosine", stage.REPLAY_MIN_COSINE - 1e-6, 1),
     ("gguf_readback_diff", 1e-7, 2),
-    ("planned_ledger_gb", stage.LEDGER_BUDGET_GB + 0.001, 3),
+    ("policy_ledger_gb", stage.LEDGER_BUDGET_GB + 0.001, 3),
     ("search_over_minmax", stage.SEARCH_OVER_MINMAX_MAX, 4),
 ])
 def test_judge_fails_exactly_the_broken_check(key, value, failing):
@@ -33,7 +33,7 @@ def test_judge_fails_exactly_the_broken_check(key, value, failing):
 
 def test_judge_at_the_thresholds():
     edge = stage.judge(**{**GOOD, "replay_worst_cosine": stage.REPLAY_MIN_COSINE,
-                          "planned_ledger_gb": stage.LEDGER_BUDGET_GB})
+                          "policy_ledger_gb": stage.LEDGER_BUDGET_GB})
     assert all(c.passed for c in edge)
 
 
@@ -93,3 +93,34 @@ def test_detail_sensitivity_is_a_nano_only_parameter():
         config.load_config("anima-2b", ["quant.sensitivity=detail"], check_paths=False)
     with pytest.raises(config.ConfigError, match="quant.method"):
         config.load_config("nano", ["quant.method=nf4"])
+
+
+def test_role_units_group_a_role_across_blocks_and_must_match():
+    names = ["transformer_blocks.0.attn2.to_q", "transformer_blocks.1.attn2.to_q", "transformer_blocks.0.ff.net.2",
+             "proj_out"]
+    assert policy.role_patterns(names) == ["transformer_blocks.*.attn2.to_q", "transformer_blocks.*.ff.net.2",
+                                           "proj_out"]
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    seen = []
+    effects = policy.unit_effects(model, lambda m: seen.append(sum(isinstance(x, packed.QuantizedLinear) for x in m))
+                                  or 0.0, {"bits": 4, "group_size": 32}, units=["*"])
+    assert effects == {"*": 0.0} and seen == [2]
+    with pytest.raises(ValueError, match="unit 'nothing' matches no Linear"):
+        policy.unit_effects(model, lambda m: 0.0, {"bits": 4, "group_size": 32}, units=["nothing"])
+
+
+def test_detail_promotion_goes_largest_drop_first_within_the_budget():
+    base = {"bits": 4, "group_size": 32, "layers": {}}
+    drops = {"small": 0.015, "big": 0.2, "middle": 0.05, "noise": -0.03}
+    assert list(policy.policy_from_detail(drops, base, 0.01)["layers"]) == ["small", "middle", "big"]
+    one_only = policy.policy_from_detail(drops, base, 0.01, fits=lambda pol: len(pol["layers"]) <= 1)
+    assert list(one_only["layers"]) == ["big"]
+    assert policy.policy_from_detail(drops, base, 0.3) == base
+
+
+def test_planned_total_prices_a_measured_policy_at_2b():
+    measured = {**ledger.DIT_POLICY, "layers": {"transformer_blocks.*.attn2.to_out.0": {"bits": 8, "group_size": 32},
+                                                **ledger.DIT_POLICY["layers"]}}
+    planned = ledger.anima_ledger({"p": ledger.SCENARIOS[ledger.PLANNED]})["p"]["total_GB"]
+    assert ledger.planned_total_gb(ledger.DIT_POLICY, 6) == planned
+    assert ledger.planned_total_gb(measured, 6) == pytest.approx(planned + 28 * 2048 * 2048 * 4 / 8 / 1e9)

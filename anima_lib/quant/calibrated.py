@@ -1,6 +1,7 @@
 """Calibration-aware MLX-affine quantization: the same (words, scales, biases) files, codes and parameters chosen with
-the statistics of each layer's real inputs (quantization.md §0.5). Each layer's calibration is its input Gram matrix
-H = Σ x xᵀ over calibration tokens: the output error of a weight error ΔW on those inputs is tr(ΔW H ΔWᵀ).
+the statistics of each layer's real inputs (quantization.md §0.5). Each layer's calibration (`Gram`) is Σ x_i² per
+input channel and, where a method needs it, the full H = Σ x xᵀ over calibration tokens: the output error of a weight
+error ΔW on those inputs is tr(ΔW H ΔWᵀ).
 
     awq   activation-aware: (1) where a Linear's input is the output of another Linear through operations that
           commute with a per-channel scale (attention: to_v -> softmax-weighted sum -> to_out), per-input-channel
@@ -17,14 +18,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
 from . import mlx_affine
 
 METHODS = mlx_affine.METHODS + ("awq", "gptq")   # every way to choose codes and parameters; all write one format
-CALIBRATED = ("awq", "gptq")                     # ... of which these need each layer's calibration Gram
+CALIBRATED = ("awq", "gptq")                     # ... of which these need each layer's calibration
 AWQ_ALPHAS = tuple(i / 10 for i in range(11))   # the scale exponents tried per foldable layer (0 = no scaling)
 GPTQ_DAMP = 0.01                               # H + damp·mean(diag H)·I: keeps the Cholesky factor well defined
 GPTQ_BLOCK = 128                               # columns updated lazily per block (a multiple of every group size)
@@ -34,38 +35,55 @@ FOLDABLE_PROCESSORS = ("CosmosAttnProcessor2_0", "AttnProcessor2_0", "AttnProces
 
 @dataclass
 class Gram:
-    """Σ x xᵀ over `count` calibration rows of one Linear's input (float64, [in, in])."""
-    sum_xxt: torch.Tensor
+    """Calibration statistics of one Linear's inputs over `count` rows: Σ x_i² per channel (`sum_sq`, float64) and,
+    when collected in full, Σ x xᵀ (`sum_xxt`, float32 [in, in]: an 8192-wide input would take 0.5 GB in float64)."""
+    sum_sq: torch.Tensor
     count: int
+    sum_xxt: Optional[torch.Tensor] = None
+
+    @property
+    def full(self) -> bool:
+        return self.sum_xxt is not None
 
     @property
     def hessian(self) -> torch.Tensor:
-        return self.sum_xxt / max(self.count, 1)
+        """E[x xᵀ] in float64 (needs the full statistics)."""
+        if self.sum_xxt is None:
+            raise ValueError("this layer's calibration holds only the diagonal; collect it with full=True")
+        return self.sum_xxt.double() / max(self.count, 1)
 
     @property
     def mean_square(self) -> torch.Tensor:
         """E[x_i²] per input channel: the importance of that channel's weights."""
-        return torch.diagonal(self.hessian).clone()
+        return self.sum_sq / max(self.count, 1)
 
     def scaled(self, inverse_scale: torch.Tensor) -> "Gram":
-        """The Gram of x / s (after folding a per-channel scale s into the producer of x)."""
-        d = inverse_scale.double()
-        return Gram(self.sum_xxt * d[:, None] * d[None, :], self.count)
+        """The statistics of x / s (after folding a per-channel scale s into the producer of x)."""
+        d = inverse_scale.to(self.sum_sq)
+        full = None if self.sum_xxt is None else self.sum_xxt * (d[:, None] * d[None, :]).to(self.sum_xxt)
+        return Gram(self.sum_sq * d * d, self.count, full)
 
 
 @torch.no_grad()
-def collect_grams(model: torch.nn.Module, run: Callable[[torch.nn.Module], object],
-                  layers: Iterable[str]) -> dict[str, Gram]:
-    """{layer: Gram of its inputs} over everything `run(model)` feeds the model (one pass, full precision)."""
+def collect_grams(model: torch.nn.Module, run: Callable[[torch.nn.Module], object], layers: Iterable[str],
+                  full: Optional[Iterable[str]] = None) -> dict[str, Gram]:
+    """{layer: Gram of its inputs} over everything `run(model)` feeds the model (one pass, full precision). Layers in
+    `full` (default: all) get Σ x xᵀ too (gptq needs it everywhere, awq for the layers it folds a scale into); the
+    others only the per-channel Σ x², so a 2B model's calibration stays small."""
+    layers = list(layers)
+    full = set(layers if full is None else full)
     grams: dict[str, Gram] = {}
     hooks = []
 
     def hook_for(name):
         def hook(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            xtx = (x.T @ x).double()             # one call's sum in fp32 (fast), the running sum in fp64
+            sq, xtx = (x * x).sum(0).double(), (x.T @ x if name in full else None)
             g = grams.get(name)
-            grams[name] = Gram(xtx, x.shape[0]) if g is None else Gram(g.sum_xxt + xtx, g.count + x.shape[0])
+            if g is None:
+                grams[name] = Gram(sq, x.shape[0], xtx)
+            else:
+                grams[name] = Gram(g.sum_sq + sq, g.count + x.shape[0], None if xtx is None else g.sum_xxt + xtx)
         return hook
 
     for name in layers:
@@ -79,6 +97,17 @@ def collect_grams(model: torch.nn.Module, run: Callable[[torch.nn.Module], objec
     if missing:
         raise ValueError(f"calibration never reached {missing[:5]}: the run does not call these layers")
     return grams
+
+
+def full_statistics_for(model: torch.nn.Module, method: str, layers: Iterable[str]) -> list[str]:
+    """The layers whose full Σ x xᵀ `method` needs: every layer for gptq, the fold consumers for awq, none else."""
+    layers = list(layers)
+    if method == "gptq":
+        return layers
+    if method == "awq":
+        consumers = {consumer for _, consumer in fold_pairs(model)}
+        return [n for n in layers if n in consumers]
+    return []
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: Gram) -> float:
@@ -109,19 +138,22 @@ def gptq_quantize(weight: torch.Tensor, gram: Gram, group_size: int, bits: int, 
     if block % group_size:
         raise ValueError(f"block {block} must be a multiple of group_size {group_size}")
     w = weight.detach().double().clone()
+    if not gram.full:
+        raise ValueError("gptq needs the full input statistics of every layer it quantizes (collect_grams full=...)")
     rows, cols = w.shape
-    h = gram.hessian.clone()
+    h = gram.hessian.to(w.device)
     dead = torch.diagonal(h) <= 0
     h[dead, dead] = 1.0                           # inputs never active in calibration: no error to spread from them
-    h += damp * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype)
+    h += damp * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype, device=h.device)
     h_inv_upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     n_groups = cols // group_size
-    codes = torch.zeros(rows, cols, dtype=torch.float64)
-    scales = torch.zeros(rows, n_groups, 1, dtype=torch.float32)
-    biases = torch.zeros(rows, n_groups, 1, dtype=torch.float32)
+    codes = torch.zeros(rows, cols, dtype=torch.float64, device=w.device)
+    scales = torch.zeros(rows, n_groups, 1, dtype=torch.float32, device=w.device)
+    biases = torch.zeros(rows, n_groups, 1, dtype=torch.float32, device=w.device)
     for start in range(0, cols, block):
         end = min(start + block, cols)
-        w_block, errors = w[:, start:end].clone(), torch.zeros(rows, end - start, dtype=torch.float64)
+        w_block = w[:, start:end].clone()
+        errors = torch.zeros(rows, end - start, dtype=torch.float64, device=w.device)
         u_block = h_inv_upper[start:end, start:end]
         for i in range(end - start):
             col = start + i
@@ -184,6 +216,9 @@ def fold_awq_scales(model: torch.nn.Module, grams: dict[str, Gram], formats: dic
     for producer, consumer in fold_pairs(model):
         if consumer not in formats or consumer not in grams:
             continue
+        if not grams[consumer].full:
+            raise ValueError(f"awq folds a scale into {consumer}: its calibration needs the full input statistics "
+                             f"(collect_grams full=full_statistics_for(model, 'awq', layers))")
         out_layer, in_layer = model.get_submodule(consumer), model.get_submodule(producer)
         s, alpha, _ = awq_scale(out_layer.weight, grams[consumer], dtype=dtype, **formats[consumer])
         chosen[consumer] = alpha
@@ -205,7 +240,7 @@ def quantize_weight(weight: torch.Tensor, group_size: int, bits: int, method: st
     if method in mlx_affine.METHODS:
         return mlx_affine.quantize(weight, group_size, bits, method)
     if gram is None:
-        raise ValueError(f"method {method!r} needs calibration inputs (a Gram matrix) for every layer it quantizes")
+        raise ValueError(f"method {method!r} needs calibration inputs (a Gram) for every layer it quantizes")
     if method == "awq":
         return weighted_quantize(weight, gram.mean_square, group_size, bits, dtype)
     return gptq_quantize(weight, gram, group_size, bits, dtype)

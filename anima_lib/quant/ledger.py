@@ -106,3 +106,10 @@ SCENARIOS = {
         "transformer": {**DIT_POLICY, "bits": 3}, "text_encoder": "q4_0", "text_conditioner": "q8_0",
         "vae_decoder": "bf16"},
 }
+
+
+def planned_total_gb(transformer_policy: dict, nano_blocks: int) -> float:
+    """The planned Anima's weights (GB) with the DiT under `transformer_policy` (measured on a `nano_blocks`-block DiT,
+    carried to the 2B blocks by policy_for_blocks) and the rest as planned."""
+    scenario = {**SCENARIOS[PLANNED], "transformer": policy_for_blocks(transformer_policy, nano_blocks, ANIMA_2B_BLOCKS)}
+    return anima_ledger({"policy": scenario})["policy"]["total_GB"]

@@ -92,6 +92,15 @@ def policy_from_sensitivity(sensitivity: dict[str, float], base_policy: dict, th
 
 
 def policy_from_detail(drops: dict[str, float], base_policy: dict, threshold: float,
-                       promote_to: dict | None = None) -> dict:
-    """base_policy plus an 8-bit override for every unit (layer or pattern) whose detail drop exceeds `threshold`."""
-    return promote(base_policy, [name for name, drop in drops.items() if drop > threshold], promote_to)
+                       promote_to: dict | None = None, fits: Optional[Callable[[dict], bool]] = None) -> dict:
+    """base_policy plus an 8-bit override for every unit (layer or pattern) whose detail drop exceeds `threshold`,
+    the largest drops first; with `fits` (policy -> within the byte budget?), a unit that would break the budget is
+    left at the default format."""
+    policy = base_policy
+    for unit, drop in sorted(drops.items(), key=lambda kv: -kv[1]):
+        if drop <= threshold:
+            break
+        candidate = promote(policy, [unit], promote_to)
+        if fits is None or fits(candidate):
+            policy = candidate
+    return policy

@@ -4,8 +4,12 @@ memory ledger of the real Anima, the engine's parity fixtures, and `judge`, the 
 
 Inputs the student really sees: `CALIBRATION_PROMPTS` gate prompts, its 4-step chain with the gate's noise, every
 step's (x, σ, context) — the calibration of awq/gptq, the output-cosine sensitivity and the fidelity table. The detail
-sensitivity (quant.sensitivity: detail, nano worlds) samples `DETAIL_PROMPTS` gate prompts at `DETAIL_STEPS` and reads
-the images with the detail-strict reader.
+sensitivity (quant.sensitivity: detail, nano worlds) quantizes one role of the transformer blocks at a time (e.g.
+every block's attn2.to_out.0: one pattern, which carries over to the 2B DiT's 28 blocks), samples `DETAIL_PROMPTS`
+prompts at `DETAIL_STEPS` and reads the images with the detail-strict reader; its prompts and noise are held out from
+the gate's (run.seed + `DETAIL_SEED_OFFSET`), so 05 does not score the images the policy was chosen on. Roles whose
+drop exceeds quant.detail_threshold go to 8 bits, largest drop first, as long as the planned 2B ledger stays within
+`LEDGER_BUDGET_GB`.
 """
 from __future__ import annotations
 
@@ -27,13 +31,15 @@ STUDENT_FOLDER = "student"
 TEXT_ENCODER_GGUF = "text_encoder_q8_0.gguf"
 CALIBRATION_PROMPTS = 16           # gate prompts (one seed each) whose 4-step student chains calibrate and probe
 CALIBRATION_STEPS = 4
-DETAIL_PROMPTS = 64                # gate prompts (one seed each) the detail sensitivity samples
+DETAIL_PROMPTS = 128               # prompts (one seed each) the detail sensitivity samples, per unit measured
 DETAIL_STEPS = (1,)                # student step counts it samples: 1 step is where 4-bit costs most eye detail
+DETAIL_SEED_OFFSET = 7_919         # ... drawn from run.seed + this: held out from the gate's prompts and noise
 WEIGHT_ERROR_BITS = (3, 8)         # besides quant.bits: the widths of the data-free method table
 FIXTURE_PROMPTS = 4
 
 # judge's thresholds
-LEDGER_BUDGET_GB = 2.5             # the planned Anima (DiT policy + Q8_0 text encoder + bf16 VAE decoder) must fit
+LEDGER_BUDGET_GB = 2.5             # the Anima weights (this run's DiT policy at 2B + Q8_0 text encoder + bf16 VAE
+                                   # decoder) must fit
 SEARCH_OVER_MINMAX_MAX = 1.0       # clip search's weight error / min-max's at quant.bits must be below this
 GGUF_READBACK_MAX_DIFF = 0.0       # gguf-py must read back exactly what we wrote
 REPLAY_MIN_COSINE = fixtures.WORST_ROW_COSINE_GATE   # the parity fixtures replay through the quantized student
@@ -132,7 +138,7 @@ def method_errors(model: torch.nn.Module, group_size: int, bits_list) -> dict[st
 
 def policy_rows(model: torch.nn.Module, chosen: dict, kept: dict, default_fmt: dict, sensitivity: dict,
                 detail: Optional[dict] = None) -> dict[str, dict]:
-    """Per Linear: its format, why, its parameter count and the measured sensitivities."""
+    """Per Linear: its format, why, its parameter count and the measured sensitivities (`detail`: per role)."""
     rows = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
@@ -142,7 +148,7 @@ def policy_rows(model: torch.nn.Module, chosen: dict, kept: dict, default_fmt: d
                           "params": module.weight.numel(),
                           "single-layer cosine": sensitivity.get(name, float("nan"))}
             if detail is not None:
-                rows[name]["single-layer eyes drop"] = detail.get(name, float("nan"))
+                rows[name]["its role's eyes drop"] = detail.get(quant_policy.role_patterns([name])[0], float("nan"))
     return rows
 
 
@@ -156,9 +162,11 @@ def params_by_format(rows: dict[str, dict]) -> dict[str, dict]:
 def eyes_score(params, components, n_prompts: int = DETAIL_PROMPTS,
                steps=DETAIL_STEPS) -> Callable[[torch.nn.Module], float]:
     """score(model) = the detail-strict reader's mean probability of the prompted eye count over the student images
-    `model` samples at `steps` from the gate's noise (nano worlds only: the reader reads creatures)."""
+    `model` samples at `steps`, on prompts and noise held out from the gate's (nano worlds only: the reader reads
+    creatures)."""
     from ..nano_world import detail_reader
-    subset, gate_set, noises, context = gate_subset_inputs(params, components, n_prompts, max(steps))
+    held_out = dataclasses.replace(params, run=dataclasses.replace(params.run, seed=params.run.seed + DETAIL_SEED_OFFSET))
+    subset, gate_set, noises, context = gate_subset_inputs(held_out, components, n_prompts, max(steps))
     reader = detail_reader.load_detail_reader()
     eyes = detail_reader.READ_VALUES["eyes"]
     target = torch.tensor([eyes.index(gate_set.attributes[p]["eyes"]) for p in gate_set.image_prompt])
@@ -237,7 +245,11 @@ class QuantizeResult:
     fixture_index: dict
     replayed: dict                 # {fixture output: worst-row cosine}
     quantized: torch.nn.Module = field(repr=False)
-    planned_scenario: str = ledger.PLANNED
+
+    @property
+    def policy_scenario(self) -> str:
+        """The ledger row of this run's DiT policy carried to the 2B blocks."""
+        return policy_scenario_name(self.method)
 
     @property
     def reloaded_exact(self) -> bool:
@@ -246,6 +258,10 @@ class QuantizeResult:
     @property
     def packed_over_bf16(self) -> float:
         return self.load_row["packed / bf16"]
+
+
+def policy_scenario_name(method: str) -> str:
+    return f"this run's DiT policy ({method}) at 2B, TE Q8_0"
 
 
 def run_quantize(params, components, student: torch.nn.Module, progress: Callable[[str], None] = lambda s: None
@@ -257,17 +273,30 @@ def run_quantize(params, components, student: torch.nn.Module, progress: Callabl
     progress("method errors")
     method_error = method_errors(student, q.group_size, (q.bits, *WEIGHT_ERROR_BITS))
     base_policy = {**ledger.DIT_POLICY, **fmt}
+    # awq / gptq calibrate on each layer's inputs; a nano run also compares every method (full statistics are small
+    # there), a real one only its own (a 2B DiT's full Σ x xᵀ of every layer would take ~11 GB)
     every_linear = [n for n, m in student.named_modules() if isinstance(m, torch.nn.Linear)]
-    calibration = calibrated.collect_grams(student, inputs.run, every_linear)   # awq / gptq: each layer's inputs
+    nano = params.model.preset == "nano"
+    compared = calibrated.METHODS if nano else tuple(dict.fromkeys((*mlx_affine.METHODS, q.method)))
+    calibration = calibrated.collect_grams(
+        student, inputs.run, every_linear,
+        full=every_linear if nano else calibrated.full_statistics_for(student, q.method, every_linear))
     progress("sensitivity")
-    sensitivity = quant_policy.layer_sensitivity(student, inputs.run, fmt, method=q.method, calibration=calibration)
+    measured_on, measured_grams = student, calibration   # awq: measured where its scales are folded in
+    if q.method == "awq":
+        measured_on, measured_grams = calibrated.awq_folded(student, calibration,
+                                                            packed.resolve_policy(student, base_policy)[0])
+    sensitivity = quant_policy.layer_sensitivity(measured_on, inputs.run, fmt, q.method, measured_grams)
     dit_policy = quant_policy.policy_from_sensitivity(sensitivity, base_policy, q.sensitivity_threshold)
     drops = None
-    if q.sensitivity == "detail":   # each layer the policy puts at the default format, quantized alone
+    if q.sensitivity == "detail":   # each role the policy puts at the default format, quantized alone
         default_layers = [n for n, f in packed.resolve_policy(student, dit_policy)[0].items() if f == fmt]
-        drops = quant_policy.detail_drop(student, eyes_score(params, components), fmt, q.method, calibration,
-                                         default_layers)
-        dit_policy = quant_policy.policy_from_detail(drops, dit_policy, q.detail_threshold)
+        drops = quant_policy.detail_drop(measured_on, eyes_score(params, components), fmt, q.method, measured_grams,
+                                         quant_policy.role_patterns(default_layers))
+        n_blocks = len(student.transformer_blocks)
+        dit_policy = quant_policy.policy_from_detail(
+            drops, dit_policy, q.detail_threshold,
+            fits=lambda pol: ledger.planned_total_gb(pol, n_blocks) <= LEDGER_BUDGET_GB)
 
     progress("quantize and pack")
     quantized, chosen, kept = packed.quantize_model(copy.deepcopy(student), dit_policy, q.method, torch.bfloat16,
@@ -292,7 +321,7 @@ def run_quantize(params, components, student: torch.nn.Module, progress: Callabl
         return lambda: packed.quantize_model(copy.deepcopy(student), pol, method, torch.bfloat16, calibration)[0]
 
     options = {(chosen_label if m == q.method else f"policy, {m}"):
-               ((lambda: quantized) if m == q.method else build(dit_policy, m)) for m in calibrated.METHODS}
+               ((lambda: quantized) if m == q.method else build(dit_policy, m)) for m in compared}
     options.update({
         "all eligible 4-bit g32 (no policy)": build({"bits": 4, "group_size": 32, "layers": {}}, q.method),
         "mixed 3/4-bit (MLP 3-bit)": build({**dit_policy, "layers": {
@@ -301,7 +330,7 @@ def run_quantize(params, components, student: torch.nn.Module, progress: Callabl
     fidelity_table = fidelity(student, inputs, options, params.gate.student_steps)
 
     progress("ledger")
-    scenarios = {**ledger.SCENARIOS, f"this run's policy ({q.method}) at 2B, TE Q8_0": {
+    scenarios = {**ledger.SCENARIOS, policy_scenario_name(q.method): {
         **ledger.SCENARIOS[ledger.PLANNED],
         "transformer": ledger.policy_for_blocks(dit_policy, len(student.transformer_blocks), ledger.ANIMA_2B_BLOCKS)}}
     ledger_rows = ledger.anima_ledger(scenarios)
@@ -326,7 +355,7 @@ def run_quantize(params, components, student: torch.nn.Module, progress: Callabl
 
 # --- pass / fail --------------------------------------------------------------------------------------------------------
 
-def judge(reloaded_exact: bool, replay_worst_cosine: float, gguf_readback_diff: float, planned_ledger_gb: float,
+def judge(reloaded_exact: bool, replay_worst_cosine: float, gguf_readback_diff: float, policy_ledger_gb: float,
           search_over_minmax: float, bits: int) -> list[Check]:
     """The stage's checks, each naming the measured value and its threshold."""
     return [
@@ -335,8 +364,8 @@ def judge(reloaded_exact: bool, replay_worst_cosine: float, gguf_readback_diff: 
               replay_worst_cosine >= REPLAY_MIN_COSINE),
         Check(f"GGUF text encoder reads back exactly (max diff {gguf_readback_diff})",
               gguf_readback_diff <= GGUF_READBACK_MAX_DIFF),
-        Check(f"planned ledger ≤ {LEDGER_BUDGET_GB} GB ({planned_ledger_gb:.3f} GB)",
-              planned_ledger_gb <= LEDGER_BUDGET_GB),
+        Check(f"Anima ledger with this run's DiT policy ≤ {LEDGER_BUDGET_GB} GB ({policy_ledger_gb:.3f} GB)",
+              policy_ledger_gb <= LEDGER_BUDGET_GB),
         Check(f"search beats min-max at {bits} bits (×{search_over_minmax:.3f})",
               search_over_minmax < SEARCH_OVER_MINMAX_MAX),
     ]
@@ -345,22 +374,25 @@ def judge(reloaded_exact: bool, replay_worst_cosine: float, gguf_readback_diff: 
 def judge_result(result: QuantizeResult) -> list[Check]:
     bits, gs = result.fmt["bits"], result.fmt["group_size"]
     return judge(result.reloaded_exact, min(result.replayed.values()), result.gguf_readback_diff,
-                 result.ledger_rows[result.planned_scenario]["total_GB"],
+                 result.ledger_rows[result.policy_scenario]["total_GB"],
                  result.method_error[f"{bits}-bit g{gs}"]["search vs minmax"], bits)
 
 
-def summary(result: QuantizeResult, steps) -> tuple[dict, str, dict]:
-    """(rows for metrics.json, verdict line, headline) of a run."""
+def summary(result: QuantizeResult, steps) -> tuple[dict, str, dict, dict]:
+    """(rows for metrics.json, verdict line, headline, extra records: the policy and the detail drops) of a run."""
     bits, gs = result.fmt["bits"], result.fmt["group_size"]
     chosen_fid = result.fidelity[result.chosen_label]
-    planned = result.ledger_rows[result.planned_scenario]
+    ours = result.ledger_rows[result.policy_scenario]
     rows = {f"student_q{bits}@{k}": {"latent_cosine_mean": chosen_fid[f"@{k} mean"],
                                      "latent_cosine_worst": chosen_fid[f"@{k} worst"]} for k in steps}
     promoted = len([f for f in result.chosen.values() if f != result.fmt])
     verdict = (f"DiT {bits}-bit g{gs} ({result.method}) + {promoted} layers at 8 bits, {len(result.kept)} kept bf16; "
                f"packed/bf16 {result.packed_over_bf16:.3f}; latent cosine @4 "
                f"{chosen_fid.get('@4 mean', float('nan')):.5f} (worst {chosen_fid.get('@4 worst', float('nan')):.5f}); "
-               f"Anima ledger {planned['total_GB']:.3f} GB ({planned['total_GiB']:.3f} GiB) planned")
-    headline = {"ledger_GB": planned["total_GB"], "packed_over_bf16": result.packed_over_bf16,
+               f"Anima ledger {ours['total_GB']:.3f} GB ({ours['total_GiB']:.3f} GiB) with this policy")
+    headline = {"ledger_GB": ours["total_GB"], "packed_over_bf16": result.packed_over_bf16,
                 "latent_cosine@4": chosen_fid.get("@4 mean")}
-    return rows, verdict, headline
+    extra = {"policy": result.policy, "method": result.method}
+    if result.detail_drop is not None:
+        extra["detail_drop"] = result.detail_drop
+    return rows, verdict, headline, extra
