@@ -4,8 +4,9 @@ and the probe, each row paired with the full-precision teacher on the same promp
 
   calibration   the teacher's own 20-step CFG rollouts of 16 training prompts (cache prompt sampler, not gate prompts)
   policy        DIT_POLICY (adaLN 8-bit, embedders / final layer bf16); "+detail": also 8 bits for the block roles
-                whose 4-bit alone drops the eyes probability by more than --detail-threshold at teacher@T on
-                --detail-prompts prompts of a gate set drawn from --detail-seed (held out from the scored seeds)
+                whose 4-bit alone drops the eyes probability (low end of the 90% paired interval, as the stage
+                decides) by more than --detail-threshold at teacher@T on --detail-prompts prompts of a gate set drawn
+                from --detail-seed (held out from the scored seeds)
   rows          fp and every method in --methods, with and without +detail; scored on gate sets of --prompts
                 prompts x 2 seeds for each run.seed in --seeds
   bytes         nano packed file and the 2B ledger (planned scenario with the DiT under that policy)
@@ -27,7 +28,7 @@ from anima_lib import config, flow, gate, metrics, models, sampler, worlds
 from anima_lib.cache import nano_prompts
 from anima_lib.nano_world import detail_reader
 from anima_lib.nano_world.probes import load_probe
-from anima_lib.quant import calibrated, ledger, packed, policy as quant_policy
+from anima_lib.quant import calibrated, ledger, packed, policy as quant_policy, stage
 
 FMT = {"bits": 4, "group_size": 32}
 
@@ -62,7 +63,7 @@ def main():
     parser.add_argument("--detail-methods", nargs="+", default=["search", "awq"], help="methods also run +detail")
     parser.add_argument("--detail-prompts", type=int, default=32)
     parser.add_argument("--detail-seed", type=int, default=7919)
-    parser.add_argument("--detail-threshold", type=float, default=0.03)
+    parser.add_argument("--detail-threshold", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("/tmp/quant_detail"))
     args = parser.parse_args()
@@ -87,11 +88,13 @@ def main():
         model, method_grams = teacher, grams
         if method == "awq":
             model, method_grams = calibrated.awq_folded(teacher, grams, chosen)
-        drops = quant_policy.detail_drop(
-            model, lambda m: float(eyes_probability(reader, sample(components, held_out, held_set, m, args.steps),
-                                                    held_set).mean()), FMT, method, method_grams, roles)
-        drops_by_method[method] = drops
-        policies[f"+detail({method})"] = quant_policy.policy_from_detail(drops, ledger.DIT_POLICY,
+        per_image = quant_policy.detail_drop(
+            model, lambda m: eyes_probability(reader, sample(components, held_out, held_set, m, args.steps), held_set),
+            FMT, method, method_grams, roles)
+        low = stage.drop_lower_bounds(per_image)
+        drops_by_method[method] = {role: {"mean": float(d.mean()), "90% low end": low[role]}
+                                   for role, d in per_image.items()}
+        policies[f"+detail({method})"] = quant_policy.policy_from_detail(low, ledger.DIT_POLICY,
                                                                           args.detail_threshold)
     print(json.dumps({"role drops": drops_by_method}, indent=1), flush=True)
 

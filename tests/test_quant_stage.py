@@ -124,3 +124,13 @@ def test_planned_total_prices_a_measured_policy_at_2b():
     planned = ledger.anima_ledger({"p": ledger.SCENARIOS[ledger.PLANNED]})["p"]["total_GB"]
     assert ledger.planned_total_gb(ledger.DIT_POLICY, 6) == planned
     assert ledger.planned_total_gb(measured, 6) == pytest.approx(planned + 28 * 2048 * 2048 * 4 / 8 / 1e9)
+
+
+def test_a_role_is_promoted_on_the_interval_not_on_a_noisy_mean():
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(128, generator=g) * 0.1            # mean ~0, wide: its low end is below 0
+    real = 0.05 + torch.randn(128, generator=g) * 0.02     # a consistent drop
+    low = stage.drop_lower_bounds({"noise": noise, "real": real})
+    assert low["noise"] < 0 < 0.04 < low["real"] < 0.05
+    chosen = policy.policy_from_detail(low, {"bits": 4, "group_size": 32, "layers": {}}, 0.01)
+    assert list(chosen["layers"]) == ["real"]

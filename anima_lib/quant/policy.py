@@ -33,9 +33,9 @@ def role_patterns(layers) -> list[str]:
 
 
 @torch.no_grad()
-def unit_effects(model: torch.nn.Module, measure: Callable[[torch.nn.Module], float], fmt: dict,
-                         method: str = "rerround", calibration: Optional[dict[str, Gram]] = None,
-                         units: Optional[list[str]] = None) -> dict[str, float]:
+def unit_effects(model: torch.nn.Module, measure: Callable[[torch.nn.Module], object], fmt: dict,
+                 method: str = "rerround", calibration: Optional[dict[str, Gram]] = None,
+                 units: Optional[list[str]] = None) -> dict[str, object]:
     """{unit: measure(model with only that unit's Linears quantized to fmt)}. A unit is an fnmatch pattern over layer
     names (default: every Linear that can take fmt, each its own unit). With awq a layer gets its activation-weighted
     fit (its scale fold pairs two layers; quantize_model does it)."""
@@ -51,7 +51,7 @@ def unit_effects(model: torch.nn.Module, measure: Callable[[torch.nn.Module], fl
             for name, original in originals.items():
                 set_module(model, name, QuantizedLinear.from_linear(
                     original, method=method, gram=(calibration or {}).get(name), **fmt))
-            out[unit] = float(measure(model))
+            out[unit] = measure(model)
         finally:
             for name, original in originals.items():
                 set_module(model, name, original)
@@ -66,13 +66,14 @@ def layer_sensitivity(model: torch.nn.Module, run: Callable[[torch.nn.Module], t
     return unit_effects(model, lambda m: _cosine(run(m), reference), fmt, method, calibration)
 
 
-def detail_drop(model: torch.nn.Module, score: Callable[[torch.nn.Module], float], fmt: dict,
+def detail_drop(model: torch.nn.Module, score: Callable[[torch.nn.Module], torch.Tensor], fmt: dict,
                 method: str = "rerround", calibration: Optional[dict[str, Gram]] = None,
-                units: Optional[list[str]] = None) -> dict[str, float]:
-    """{unit: score(full precision) − score(only that unit quantized)}: `score` is a detail reading of the images
-    the model samples (higher is better), so a positive drop is detail this unit's quantization costs."""
+                units: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
+    """{unit: per-image score(full precision) − score(only that unit quantized)}: `score` reads the detail of each
+    image the model samples from fixed noise (higher is better), so a positive drop is detail that unit's quantization
+    costs, paired image by image (the caller decides with an interval, not a bare mean: one role's effect is small)."""
     with torch.no_grad():
-        reference = float(score(model))
+        reference = score(model)
     return {unit: reference - value
             for unit, value in unit_effects(model, score, fmt, method, calibration, units).items()}
 
