@@ -397,7 +397,7 @@ def judge(table: dict[str, dict], arm: str, steps, reference: list[Check], cost_
           generator_steps: dict[str, int], wanted_steps: int, leakage_prompts: tuple[int, int]) -> list[Check]:
     """07's checks on the transferred `arm` (the first source): style ≥ STYLE_TARGETS[k] × and content ≥ CONTENT_TARGET
     × teacher+L@T at every k; no leakage (content no lower than the bare student's beyond its noise floor: a style
-    must not cost content; a gain is no leak), on
+    must not cost content; a gain is no leak) and diversity ≥ lora_survival.DIVERSITY_TARGET × the bare student's, on
     leakage_prompts = (prompts the style data never had, prompts scored)); cost ≤ COST_TARGET × training L; every
     transfer trained its generator steps; the reference checks (lora_survival.reference_checks)."""
     out = list(reference)
@@ -413,6 +413,9 @@ def judge(table: dict[str, dict], arm: str, steps, reference: list[Check], cost_
         out.append(Check(f"{arm}@{k}: no leakage, content change {e['content_change']:+.3f} from the bare student "
                          f"(a drop must stay within its noise floor {e['content_floor']:.3f})",
                          e["content_change"] >= -e["content_floor"]))
+        out.append(Check(f"{arm}@{k}: diversity x{e['diversity_ratio']:.2f} of the bare student's (≥ "
+                         f"{lora_survival.DIVERSITY_TARGET}; DMD's mode seeking must not collapse it)",
+                         e["diversity_ratio"] >= lora_survival.DIVERSITY_TARGET))
     never, scored = leakage_prompts
     out.append(Check(f"leakage is measured on prompts the style data never had ({never} of {scored} gate prompts)",
                      never == scored))
@@ -431,7 +434,8 @@ def transfer_verdict(table: dict[str, dict], arms: list[str], steps, zero_cost: 
     def cells(arm, key):
         return "/".join(f"{table[f'{arm}@{k}'][key]:.2f}" for k in steps)
 
-    parts = [f"{arm}: style x{cells(arm, 'style_ratio')}, content x{cells(arm, 'content_ratio')}"
+    parts = [f"{arm}: style x{cells(arm, 'style_ratio')}, content x{cells(arm, 'content_ratio')}, diversity "
+             f"x{cells(arm, 'diversity_ratio')}"
              + (f", cost x{costs[arm]:.2f}" if costs and costs.get(arm) is not None else "") for arm in arms]
     line = f"@{at} steps vs the reference — " + "; ".join(parts)
     if zero_cost:

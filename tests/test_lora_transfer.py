@@ -261,9 +261,14 @@ def test_judge_of_07_on_synthetic_rows():
                                  *{f"teacher@{k}: content x0.90 of the reference (≥ 0.95)" for k in (1, 2, 4)}}
     assert not checks.all_passed(judged(_rows({1: 0.9, 2: 0.9, 4: 0.9}, 0.75), steps={"teacher": 150})[1])
     assert not checks.all_passed(judged(_rows({1: 0.9, 2: 0.9, 4: 0.9}, 0.75), leakage=(120, 128))[1])
+    collapsed = _rows({1: 0.9, 2: 0.9, 4: 0.9}, 0.75)
+    collapsed["student+transfer_teacher@1"]["diversity"] = 7.9   # < 0.8 x the bare student's 10
+    assert {c.name for c in judged(collapsed)[1] if not c.passed} == {
+        "teacher@1: diversity x0.79 of the bare student's (≥ 0.8; DMD's mode seeking must not collapse it)"}
     verdict = lora_transfer.transfer_verdict(table, ["teacher"], [1, 2, 4], {1.3: 0.5, 0.8: 0.6}, {"teacher": 1.2})
     assert verdict == ("@1/2/4 steps vs the reference — teacher: style x0.81/0.91/0.96, content x0.96/0.96/0.96, "
-                       "cost x1.20; zero-cost arm (2-step second time, untransferred L): best t=0.8, style x0.60")
+                       "diversity x0.90/0.90/0.90, cost x1.20; zero-cost arm (2-step second time, untransferred L): best "
+                       "t=0.8, style x0.60")
 
 
 def test_zero_cost_arm_changes_only_the_two_step_second_time():
