@@ -253,6 +253,10 @@ class DistillParams:
                               check=_non_negative, bounds=(0, 1e6))
     max_rollout: int = _spec(4, help="student rollouts of 1..N steps for DMD and the critic", check=_positive,
                              bounds=(1, 64))
+    rollout_times: str = _spec("random", help="times of the DMD/critic rollouts: 'random' (t_n ~ p_D, rCM's draw) or "
+                                              "'sampler' (sampler.student_mid_times, the times the student is "
+                                              "served at, as DMD2's backward simulation does)",
+                               allowed=("random", "sampler"))
     tangent_warmup: int = _spec(0, help="H: student steps of tangent warm-up (0 as rCM for Cosmos)",
                                 check=_non_negative, bounds=(0, MAX_STEPS))
     p_g: list[float] = _spec(help="sCM times: [mean, std] of log(tan t)", bounds=(-10, 10),
