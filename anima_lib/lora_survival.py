@@ -214,7 +214,7 @@ def train_style_lora(params, components, way: str, student: torch.nn.Module,
     if result["paused"]:  # the time budget paused training: nothing half-trained is saved as the LoRA
         return style, {**record, "parameters": style.num_parameters()}
     save_lora(style, out, record)
-    return lora, read_manifest(out)
+    return style, read_manifest(out)
 
 
 def styled_rows(params, components, world, reference: torch.nn.Module, student: torch.nn.Module,

@@ -255,3 +255,12 @@ def test_deturbo_folder_is_keyed_by_what_the_adapter_learns(nano, tmp_path):
     assert folder != deturbo.deturbo_folder(base, nano.transformer, nano.transformer)  # another student
     with pytest.raises(deturbo.DeturboError, match="run notebook 03_deturbo first"):
         deturbo.load_deturbo(base, nano, student)
+
+
+def test_a_freshly_trained_style_lora_is_returned_and_then_found_finished(nano, tmp_path):
+    params = config.load_config("nano", [f"run.output_dir={tmp_path}", "lora.steps=2", "lora.style_images=4",
+                                         "lora.batch_size=2", "lora.rank=2", "lora.alpha=2"])
+    trained, manifest = lora_survival.train_style_lora(params, nano, "teacher", nano.transformer, progress=False)
+    assert isinstance(trained, lora.LoraWeights) and manifest["steps"] == 2 and manifest["finished"]
+    found, again = lora_survival.train_style_lora(params, nano, "teacher", nano.transformer, progress=False)
+    assert found.digest() == trained.digest() and again == manifest
