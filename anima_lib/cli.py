@@ -93,7 +93,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoints import CheckpointError
     from .distill.deturbo import DeturboError
     from .distill.trainer import DivergenceError
-    from .flow_matching import ResumeError
+    from .flow_training import ResumeError
     from .io import NonFiniteWeightsError, WeightsError
     from .lora import LoraError
     from .lora_survival import StyleDataError
@@ -139,7 +139,7 @@ def _distill(args) -> int:
         return 1
     state = distiller.state
     if distiller.rank == 0:
-        print(f"{args.method}: {state.iteration} iterations ({state.student_steps} student steps) in {state.wall_s:.0f} s; "
+        print(f"{args.method}: {state.iteration} iterations ({state.student_updates} student updates) in {state.wall_s:.0f} s; "
               f"checkpoints in {distill.checkpoint_dir(params, args.method)}")
     return 0
 

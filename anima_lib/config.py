@@ -30,6 +30,16 @@ MAX_BATCH = 65_536
 MAX_MINUTES = 7 * 24 * 60  # a week
 MAX_LR = 1.0
 NAME_CHARS = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # one plain path component: no '/', no '..', not hidden
+# Keys of the training sections (distill, deturbo, lora, lora_transfer) that pace one invocation (time budget,
+# checkpoint cadence) but never change what is learned, so no adapter/LoRA folder key includes them. Each trainer's
+# set of keys left out of its folder key (deturbo.NOT_IN_ADAPTER_KEY, lora_survival.NOT_IN_LORA_KEY,
+# lora_transfer.NOT_IN_TRANSFER_KEY) is these plus its section's own (eval rows, strengths, sources, ...).
+BUDGET_KEYS = ("minutes", "checkpoint_every")
+# Keys renamed in a preset, --set override or papermill parameter: the old name is refused with a message naming the
+# new one (never silently mapped, never "unknown key"). Kept for one release after each rename, then dropped.
+RENAMED_KEYS = {
+    "distill.student_steps": "distill.student_updates",  # counts optimizer updates; gate.student_steps = sampler steps
+}
 
 
 class ConfigError(ValueError):
@@ -117,6 +127,9 @@ class RunParams:
                       bounds=(0, 2**32 - 1))
     device: str = _spec("cpu", help="torch device", allowed=("cpu", "cuda"))
     threads: int = _spec(0, help="torch CPU threads (0 = torch default)", check=_non_negative, bounds=(0, 1024))
+    jobs: int = _spec(1, help="CPU runs: worker processes for a notebook's independent trainings (06's LoRA ways, "
+                              "07's transfers), sharing run.threads; 1 = one after another in the notebook",
+                      check=_positive, bounds=(1, 64))
 
 
 @dataclass
@@ -230,10 +243,10 @@ def _each_method(values):
 
 @dataclass
 class DistillParams:
-    student_steps: int = _spec(400, help="student optimizer steps of every method (rCM adds student_every-1 critic "
-                                         "steps per student step)", check=_positive, bounds=(1, MAX_STEPS))
+    student_updates: int = _spec(400, help="student optimizer updates of every method (rCM adds student_every-1 "
+                                           "critic updates per student update)", check=_positive, bounds=(1, MAX_STEPS))
     minutes: float = _spec(20.0, help="time budget per method and invocation: training pauses after a checkpoint "
-                                      "(the notebook ends incomplete; rerun to resume); distill.student_steps decides "
+                                      "(the notebook ends incomplete; rerun to resume); distill.student_updates decides "
                                       "what is trained",
                            check=_positive, bounds=(0, MAX_MINUTES))
     batch_size: int = _spec(32, help="global batch (split across torchrun ranks)", check=_positive,
@@ -574,6 +587,9 @@ def _build_section(name: str, raw: Any, source: str):
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
+        if f"{name}.{key}" in RENAMED_KEYS:
+            raise ConfigError(f"{source}: {name}.{key} is now {RENAMED_KEYS[f'{name}.{key}']} (renamed; update your "
+                              f"preset or --set)")
         if key not in known:
             raise ConfigError(f"{source}: unknown key {name}.{key}; allowed keys in '{name}': {sorted(known)}")
     values = {}

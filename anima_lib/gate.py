@@ -50,14 +50,23 @@ def _images_of(n_prompts: int, k: int) -> tuple[list[int], list[int]]:
     return [i for i in range(n_prompts) for _ in range(k)], [j for _ in range(n_prompts) for j in range(k)]
 
 
-def gate_set(params) -> GateSet:
+def gate_set(params, n_prompts: Optional[int] = None, seeds_per_prompt: Optional[int] = None) -> GateSet:
     """The gate's prompts and image layout. Nano presets: creatures drawn from run.seed; any other preset: the
-    evaluation prompt files (gate.prompts_file), never creatures."""
+    evaluation prompt files (gate.prompts_file), never creatures.
+
+    `n_prompts` / `seeds_per_prompt` (default gate.n_prompts / gate.seeds_per_prompt) give the same kind of set at
+    another size, e.g. previews and 04's calibration inputs, without copying `params`: the nano sampler draws any
+    number (the set is exactly the gate's at that size), a real world spreads `n_prompts` evenly over its files and
+    takes at most as many as they hold."""
+    n = params.gate.n_prompts if n_prompts is None else n_prompts
+    k = params.gate.seeds_per_prompt if seeds_per_prompt is None else seeds_per_prompt
+    if n < 1 or k < 1:
+        raise ValueError(f"gate_set: n_prompts = {n} and seeds_per_prompt = {k} must be >= 1")
     if params.model.preset != "nano":
-        return real_gate_set(params)
+        return real_gate_set(params, n, k, at_most=n_prompts is not None)
     from .nano_world.prompts import sample_creatures
-    creatures = sample_creatures(params.gate.n_prompts, seed=params.run.seed + GATE_PROMPT_SEED_OFFSET)
-    image_prompt, image_seed = _images_of(len(creatures), params.gate.seeds_per_prompt)
+    creatures = sample_creatures(n, seed=params.run.seed + GATE_PROMPT_SEED_OFFSET)
+    image_prompt, image_seed = _images_of(len(creatures), k)
     return GateSet(prompts=[c.prompt() for c in creatures], attributes=[c.to_dict() for c in creatures],
                    image_prompt=image_prompt, image_seed=image_seed,
                    sources=[f"nano creature sampler (seed {params.run.seed + GATE_PROMPT_SEED_OFFSET})"])
@@ -121,18 +130,25 @@ def select_evenly(n_available: int, n: int) -> list[int]:
     return [(i * n_available) // n for i in range(n)]
 
 
-def real_gate_set(params) -> GateSet:
+def real_gate_set(params, n_prompts: Optional[int] = None, seeds_per_prompt: Optional[int] = None,
+                  at_most: bool = False) -> GateSet:
+    """gate_set of a real preset; `at_most`: a smaller set asked for by size takes at most the prompts the files
+    hold (gate.n_prompts itself must fit)."""
+    n = params.gate.n_prompts if n_prompts is None else n_prompts
+    k = params.gate.seeds_per_prompt if seeds_per_prompt is None else seeds_per_prompt
     paths = gate_prompt_files(params)
     if not paths:
         raise ConfigError(f"{params.source}: gate.prompts_file is required with model.preset = "
                           f"{params.model.preset!r} (the gate never draws nano creatures on a real model)")
     prompts = read_eval_prompts(paths)
-    if params.gate.n_prompts > len(prompts):
-        raise ConfigError(f"{params.source}: gate.n_prompts = {params.gate.n_prompts} but gate.prompts_file holds "
+    if at_most:
+        n = min(n, len(prompts))
+    if n > len(prompts):
+        raise ConfigError(f"{params.source}: gate.n_prompts = {n} but gate.prompts_file holds "
                           f"{len(prompts)} prompts")
     _check_disjoint(params, prompts)
-    chosen = [prompts[i] for i in select_evenly(len(prompts), params.gate.n_prompts)]
-    image_prompt, image_seed = _images_of(len(chosen), params.gate.seeds_per_prompt)
+    chosen = [prompts[i] for i in select_evenly(len(prompts), n)]
+    image_prompt, image_seed = _images_of(len(chosen), k)
     return GateSet(prompts=[p.prompt for p in chosen], attributes=None, image_prompt=image_prompt,
                    image_seed=image_seed, ids=[p.id for p in chosen], categories=[p.category for p in chosen],
                    sources=[str(p) for p in paths])

@@ -27,7 +27,7 @@ import torch
 from diffusers.loaders import AnimaLoraLoaderMixin
 
 from . import comfy_keys, models
-from .flow_matching import FlowMatchingConfig, load_ema_into, train_flow_matching
+from .flow_training import FlowMatchingConfig, load_ema_into, train_flow_matching
 from .io import NonFiniteWeightsError, atomic_replace_dir, atomic_write_json, check_finite, sha256_file
 
 TARGET_MODULES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",

@@ -18,9 +18,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import gate, models, text
+from . import distill, gate, models, text
+from .distill import deturbo
 from .checks import Check
-from .config import resolve_path
+from .config import BUDGET_KEYS, resolve_path
 from .io import atomic_replace_dir, sha256_file
 from .lora import (LoraWeights, adapter_training_config, read_lora, read_manifest, save_lora, style_batches,
                    train_lora)
@@ -126,8 +127,8 @@ def write_nano_style_folder(folder, n_images: int, seed: int, image_size: int = 
 WAYS = {"teacher": "trained on the teacher, applied to the student",
         "deturbo": "trained on student + De-Turbo adapter, applied to the student without it",
         "student": "trained directly on the student (the collapse baseline)"}
-ROW_NAMES = {"teacher": "student+lora_teacher", "deturbo": "student+lora_deturbo", "student": "student+lora_student"}
-KEY_EXCLUDED = ("minutes", "strength", "strengths", "ways", "checkpoint_every")  # do not change what a LoRA learns
+WAY_ROWS = {"teacher": "student+lora_teacher", "deturbo": "student+lora_deturbo", "student": "student+lora_student"}
+NOT_IN_LORA_KEY = BUDGET_KEYS + ("strength", "strengths", "ways")  # lora.* keys that do not change what a LoRA learns
 
 
 def nano_caption_check(components) -> Optional[Callable[[str], Optional[str]]]:
@@ -189,7 +190,7 @@ def train_style_lora(params, components, way: str, student: torch.nn.Module,
                 "adapter_sha256": deturbo_adapter.digest() if way == "deturbo" else None,
                 "data_sha256": folder_digest(folder), "data_images": len(images),
                 "text_precision": params.cache.precision,
-                "lora": {k: getattr(params.lora, k) for k in params.lora.__dataclass_fields__ if k not in KEY_EXCLUDED}}
+                "lora": {k: getattr(params.lora, k) for k in params.lora.__dataclass_fields__ if k not in NOT_IN_LORA_KEY}}
     shared = {"teacher": models.weights_digest(components.transformer), "student": models.weights_digest(student),
               **{k: settings[k] for k in ("data_sha256", "text_precision", "lora")}}  # the same for all three ways
     key = hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:10]
@@ -215,6 +216,17 @@ def train_style_lora(params, components, way: str, student: torch.nn.Module,
         return style, {**record, "parameters": style.num_parameters()}
     save_lora(style, out, record)
     return style, read_manifest(out)
+
+
+def style_lora_job(params, way: str, components=None, student: Optional[torch.nn.Module] = None,
+                   deturbo_adapter: Optional[LoraWeights] = None) -> tuple[LoraWeights, dict]:
+    """`train_style_lora` as a `jobs.run_jobs` job: a worker process is handed nothing and loads the run's models."""
+    if components is None:
+        components = models.load_components(params)
+        student = distill.load_student(params, components, "rcm", params.distill.checkpoint)
+        deturbo_adapter = deturbo.load_deturbo(params, components, student) if way == "deturbo" else None
+    return train_style_lora(params, components, way, student, deturbo_adapter if way == "deturbo" else None,
+                            progress=False)
 
 
 def styled_rows(params, components, world, reference: torch.nn.Module, student: torch.nn.Module,
@@ -267,7 +279,7 @@ def survival_table(rows: dict, reference_row: str, ways, steps, names: Optional[
     table = {}
     for way in ways:
         for k in steps:
-            row, own = rows[f"{ROW_NAMES[way]}@{k}"], rows[f"student@{k}"]
+            row, own = rows[f"{WAY_ROWS[way]}@{k}"], rows[f"student@{k}"]
             entry = {"style_ratio": row[style] / max(reference, 1e-9),
                      "content_ratio": row[content] / max(own[content], 1e-9),
                      "diversity_ratio": row[diversity] / max(own[diversity], 1e-9)}

@@ -34,9 +34,11 @@ from typing import Callable, Optional
 
 import torch
 
-from . import flow, gate, lora, lora_survival, models, report, sampler, text, worlds
+from . import distill, flow, gate, lora, lora_survival, models, report, sampler, text, worlds
+from .distill import deturbo
 from .cache import cache_records, nano_prompts
 from .checks import Check
+from .config import BUDGET_KEYS
 from .distill.rcm import RCMConfig
 from .distill.trainer import DistillConfig, Distiller
 from .io import atomic_write_json, atomic_write_text
@@ -45,7 +47,7 @@ FAKE_ADAPTER = "fake"
 INITS = ("lora", "zeros")
 ABLATIONS = ("init", "regression")   # each: one more transfer of the first source with that setting flipped
 SOURCE_KINDS = ("teacher", "deturbo")
-KEY_EXCLUDED = ("minutes", "checkpoint_every", "sources", "ablations", "second_times")  # not what L' learns
+NOT_IN_TRANSFER_KEY = BUDGET_KEYS + ("sources", "ablations", "second_times")  # lora_transfer.* keys: not what L' learns
 PARAM_NAMES = {  # DistillConfig field -> the parameter a user sets (refusals to resume name these)
     "batch_size": "lora_transfer.batch_size", "lr": "lora_transfer.lr", "fake_lr": "lora_transfer.fake_lr",
     "student_every": "lora_transfer.fake_updates", "ema_decay": "lora_transfer.ema_decay", "seed": "run.seed",
@@ -272,7 +274,7 @@ def transfer_settings(params, source: SourceLora, student: torch.nn.Module, base
                                                    "teacher_steps", "shift", "negative_prompt")},
             "p_d": list(params.distill.p_d), "image_size": params.gate.image_size,
             "lora_transfer": {k: getattr(t, k) for k in t.__dataclass_fields__
-                              if k not in KEY_EXCLUDED + ("init", "regression")}}
+                              if k not in NOT_IN_TRANSFER_KEY + ("init", "regression")}}
 
 
 def transfer_folder(params, settings: dict) -> Path:
@@ -330,7 +332,7 @@ def transfer_style_lora(params, components, student: torch.nn.Module, source: So
               "source": {"label": source.label, "kind": source.kind, "path": str(source.path) if source.path else None,
                          "lora_sha256": source.lora.digest(), "base_sha256": settings["base_sha256"],
                          "wall_s": source_wall_s, "steps": (source.manifest or {}).get("steps")},
-              "student_sha256": settings["student_sha256"], "generator_steps": state.student_steps,
+              "student_sha256": settings["student_sha256"], "generator_steps": state.student_updates,
               "iterations": state.iteration, "finished": not distiller.paused, "wall_s": wall_s,
               "regression_pool_s": pool_s,
               "cost_vs_source": wall_s / source_wall_s if source_wall_s else None,
@@ -340,6 +342,19 @@ def transfer_style_lora(params, components, student: torch.nn.Module, source: So
         return transferred, {**record, "parameters": transferred.num_parameters()}
     lora.save_lora(transferred, folder, record)
     return lora.read_lora(folder), lora.read_manifest(folder)
+
+
+def transfer_job(params, way: str, init: Optional[str] = None, regression: Optional[bool] = None, components=None,
+                 student: Optional[torch.nn.Module] = None, deturbo_adapter: Optional[lora.LoraWeights] = None
+                 ) -> tuple[lora.LoraWeights, dict]:
+    """`transfer_style_lora` of 06's `way` LoRA as a `jobs.run_jobs` job (a worker process loads the run's models)."""
+    if components is None:
+        components = models.load_components(params)
+        student = distill.load_student(params, components, "rcm", params.distill.checkpoint)
+        deturbo_adapter = deturbo.load_deturbo(params, components, student) if way == "deturbo" else None
+    source = style_source(params, components, student, way, deturbo_adapter)
+    return transfer_style_lora(params, components, student, source, deturbo_adapter, init=init, regression=regression,
+                               progress=False)
 
 
 # --- what 07_lora_transfer shows and checks -----------------------------------------------------------------------------
@@ -460,15 +475,13 @@ def transfer_report(params, components, student: torch.nn.Module, source: Source
     out = {"folder": folder, "manifest": manifest, "finished": manifest["finished"]}
     if not manifest["finished"]:
         return out
-    small = dataclasses.replace(params, gate=dataclasses.replace(
-        params.gate, n_prompts=min(REPORT_PROMPTS, params.gate.n_prompts), seeds_per_prompt=REPORT_SEEDS))
-    world = worlds.load_world(small)
+    world = worlds.load_world(params).with_gate(min(REPORT_PROMPTS, params.gate.n_prompts), REPORT_SEEDS)
     names = lora_survival.SURVIVAL_METRICS[world.kind]
     base = source_base(source, components, student, deturbo_adapter)
     arms = {"student+lora": lora.fused(student, [(source.lora, params.lora.strength)]),
             "student+transfer": lora.fused(student, [(transferred, 1.0)])}
     steps = params.gate.student_steps
-    rows, _ = lora_survival.styled_rows(small, components, world, lora.fused(base, [(source.lora, 1.0)]), student, arms,
+    rows, _ = lora_survival.styled_rows(params, components, world, lora.fused(base, [(source.lora, 1.0)]), student, arms,
                                         steps)
     table = transfer_table(rows, f"teacher+lora@{params.sampler.teacher_steps}",
                            {"stacked": "student+lora", "transferred": "student+transfer"}, steps, names)
@@ -476,7 +489,7 @@ def transfer_report(params, components, student: torch.nn.Module, source: Source
                                costs={"transferred": manifest["cost_vs_source"]})
     page = (f"# LoRA transfer: {source.label}\n\nsource `{source.path}` ({source.kind}, sha256 "
             f"{source.lora.digest()[:16]}...) -> `{folder}`\n\n{manifest['generator_steps']} generator steps in "
-            f"{manifest['wall_s'] / 60:.1f} min; scored on {small.gate.n_prompts} gate prompts x {REPORT_SEEDS} seeds "
+            f"{manifest['wall_s'] / 60:.1f} min; scored on {len(world.gate.prompts)} gate prompts x {REPORT_SEEDS} seeds "
             f"({world.kind} world)\n\n{report.markdown_table(table)}\n\n{verdict}\n")
     where = params.report_root() / datetime.date.today().isoformat() / params.report_name()
     atomic_write_text(where / f"lora_transfer-{source.label}.md", page)

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import matplotlib.pyplot as plt
 import torch
 
-from .flow_matching import smoothed
+from .flow_training import smoothed
 
 
 def image_grid(rows: Sequence[torch.Tensor], row_labels: Sequence[str], col_labels: Optional[Sequence[str]] = None,

@@ -23,13 +23,13 @@ Nano rows are exactly anima_lib.gate.score_rows' (alignment, fd_probe, fd_probe_
 The notebooks take a world for every number they report, so the same cells run in both: 05 (score_rows, verdict),
 02 (score_samples: nano against renders, real against teacher@T on other seeds; beats, step_summary), 03 (score_rows;
 floor_metric, content_metric), 06 (score_rows(style=True), lora_rows, score_set; lora.SURVIVAL_METRICS[world.kind]),
-and with_params / with_gate_size for smaller gate sets (previews, 04's calibration inputs).
+and world.with_gate(n_prompts, seeds_per_prompt) for a smaller gate set (previews; 04's calibration inputs use
+gate.gate_set(params, n_prompts) directly).
 
 Nothing here imports the nano renderer or probe unless a nano world is built.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -37,7 +37,7 @@ from typing import Callable, Optional
 import torch
 
 from . import gate, metrics
-from .config import gate_prompt_files, load_config, resolve_path
+from .config import resolve_path
 from .checks import Check
 
 NANO, REAL = "nano", "real"
@@ -113,25 +113,6 @@ def load_world(params, readers: Optional[RealReaders] = None, probe=None):
     return RealWorld(params, gate_set, readers if readers is not None else production_readers(params))
 
 
-def with_gate_size(params, n_prompts: int, seeds_per_prompt: int = 1):
-    """`params` with a smaller gate set (previews, 04's calibration inputs): `n_prompts` prompts x `seeds_per_prompt`,
-    nothing else changed and nothing reloaded. A real world holds only the prompts of its files, so there it takes at
-    most that many; the nano sampler draws any number (so nano sets are exactly what they always were)."""
-    if n_prompts < 1 or seeds_per_prompt < 1:
-        raise ValueError(f"with_gate_size: n_prompts = {n_prompts} and seeds_per_prompt = {seeds_per_prompt} "
-                         f"must be >= 1")
-    if world_kind(params) == REAL:
-        held = sum(1 for path in gate_prompt_files(params) for line in path.read_bytes().split(b"\n") if line.strip())
-        n_prompts = min(n_prompts, held)
-    return dataclasses.replace(params, gate=dataclasses.replace(params.gate, n_prompts=n_prompts,
-                                                                seeds_per_prompt=seeds_per_prompt))
-
-
-def subset_params(preset, overrides: list[str], n_prompts: int, seeds_per_prompt: int = 1):
-    """`with_gate_size` of the preset loaded with `overrides` (for callers that hold no params yet)."""
-    return with_gate_size(load_config(preset, overrides), n_prompts, seeds_per_prompt)
-
-
 class NanoWorld:
     """Creature prompts, renderer images, the probe: exactly the numbers gate.score_rows has always computed."""
     kind = NANO
@@ -151,9 +132,10 @@ class NanoWorld:
     def backend(self) -> str:
         return "nano probe"
 
-    def with_params(self, params) -> "NanoWorld":
-        """The same probe on another gate set (gate.n_prompts / seeds_per_prompt of `params`), e.g. a preview."""
-        return NanoWorld(params, gate.gate_set(params), self.probe)
+    def with_gate(self, n_prompts: Optional[int] = None, seeds_per_prompt: Optional[int] = None) -> "NanoWorld":
+        """The same probe on the gate set at another size (gate.gate_set's n_prompts / seeds_per_prompt), e.g. a
+        preview; the parameters are this world's."""
+        return NanoWorld(self.params, gate.gate_set(self.params, n_prompts, seeds_per_prompt), self.probe)
 
     def keep(self, images: torch.Tensor) -> torch.Tensor:
         return images
@@ -354,9 +336,10 @@ class RealWorld:
             self._style_embeddings = self.readers.clip_image(load_style_images(_resolved(folder)))
         return self._style_embeddings
 
-    def with_params(self, params) -> "RealWorld":
-        """The same readers on another gate set (gate.n_prompts / seeds_per_prompt of `params`), e.g. a preview."""
-        world = RealWorld(params, gate.gate_set(params), self.readers)
+    def with_gate(self, n_prompts: Optional[int] = None, seeds_per_prompt: Optional[int] = None) -> "RealWorld":
+        """The same readers on the gate set at another size (gate.gate_set's n_prompts / seeds_per_prompt, at most
+        the prompts the files hold), e.g. a preview; the parameters are this world's."""
+        world = RealWorld(self.params, gate.gate_set(self.params, n_prompts, seeds_per_prompt), self.readers)
         world._style_embeddings = self._style_embeddings
         return world
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from anima_lib import config, distill, flow_matching, gate, models
+from anima_lib import config, distill, flow_training, gate, models
 
 
 def timed(fn, repeats: int) -> float:
@@ -55,7 +55,7 @@ def main():
     def teacher_step():
         sigma = torch.rand(args.batch, generator=generator)
         noise = torch.randn(batch["x0"].shape, generator=generator)
-        loss = flow_matching.flow_matching_loss(lambda x, s, c: models.transformer_velocity(trainee, x, s, c),
+        loss = flow_training.flow_matching_loss(lambda x, s, c: models.transformer_velocity(trainee, x, s, c),
                                                 batch["x0"], batch["context"], sigma, noise)
         optimizer.zero_grad()
         loss.backward()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from anima_lib import config, flow, gate, metrics, models, sampler, worlds
+from anima_lib import config, flow, gate, metrics, models, sampler
 from anima_lib.cache import nano_prompts
 from anima_lib.nano_world import detail_reader
 from anima_lib.nano_world.probes import load_probe
@@ -79,8 +79,8 @@ def main():
     n_blocks = len(teacher.transformer_blocks)
 
     # the detail policy: one role at 4 bits at a time (awq measured where its scales are folded in)
-    held_out = worlds.with_gate_size(config.load_config("nano", [f"run.seed={args.detail_seed}"]), args.detail_prompts)
-    held_set = gate.gate_set(held_out)
+    held_out = config.load_config("nano", [f"run.seed={args.detail_seed}"])   # another seed: held-out prompts, noise
+    held_set = gate.gate_set(held_out, n_prompts=args.detail_prompts, seeds_per_prompt=1)
     roles = quant_policy.role_patterns([n for n, f in chosen.items() if f == FMT])
     policies = {"": ledger.DIT_POLICY}
     drops_by_method = {}
@@ -108,8 +108,8 @@ def main():
             rows[f"{method}+detail"] = (method, policies[f"+detail({method})"])
     results = {}
     for seed in args.seeds:
-        scored = worlds.with_gate_size(config.load_config("nano", [f"run.seed={seed}"]), args.prompts, 2)
-        gate_set = gate.gate_set(scored)
+        scored = config.load_config("nano", [f"run.seed={seed}"])
+        gate_set = gate.gate_set(scored, n_prompts=args.prompts, seeds_per_prompt=2)
         per_image = {}
         for row, (method, policy) in rows.items():
             model = teacher if policy is None else build(method, policy)[0].float()

@@ -14,6 +14,7 @@ import time
 import torch
 
 from anima_lib import config, distill, gate, metrics, models, report
+from anima_lib.nano_world import detail_reader
 from anima_lib.nano_world.probes import load_probe
 
 DEFAULT_SCHEDULES = ["1.3,1.0,0.6", "1.1,0.8,0.4", "1.0,0.6,0.3", "0.9,0.5,0.2", "1.2,0.7,0.3"]
@@ -23,10 +24,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="nano")
     parser.add_argument("--eval-seed", type=int, default=7, help="run.seed for the held-out prompts and noise")
-    parser.add_argument("--steps", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--schedule", nargs="+", default=DEFAULT_SCHEDULES,
                         help="candidate mid times, comma-separated, decreasing in (0, pi/2)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--teacher", action="store_true", help="also score teacher@sampler.teacher_steps (CFG) on the "
+                                                                 "held-out set: the reference of the 0.97x target")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -36,23 +39,39 @@ def main():
     components = models.load_components(params)
     student = distill.load_student(params, components, "rcm", params.distill.checkpoint)
     reader = metrics.ProbeReader(load_probe())
+    strict = detail_reader.load_detail_reader()  # the gate's detail-strict reading (eyes confident and right)
     rows = {}
+
+    def score(images, eval_set) -> dict:
+        scores = metrics.score_images(reader.read(images), eval_set.attributes, eval_set.image_prompt)
+        scores.update(detail_reader.score_details(strict, metrics.as_float(images), eval_set.attributes,
+                                                  eval_set.image_prompt)["scores"])
+        return {"alignment": scores["alignment"], "alignment_ci": scores["alignment_ci"],
+                "strict_alignment": scores["strict_alignment"], "strict_eyes": scores["strict_accuracy_eyes"],
+                "eyes": scores["alignment_eyes"], "shape": scores["alignment_shape"],
+                "clean_rate": scores["clean_rate"], "n_images": scores["n_images"]}
+
+    if args.teacher:
+        eval_params = config.load_config(args.preset, args.overrides + [f"run.seed={args.eval_seed}"])
+        eval_set = gate.gate_set(eval_params)
+        t0 = time.perf_counter()
+        images = gate.sample_teacher(components, eval_params, eval_set, params.sampler.teacher_steps)
+        rows[f"teacher@{params.sampler.teacher_steps}"] = {**score(images, eval_set), "s": time.perf_counter() - t0}
     for schedule in args.schedule:
         # load_config validates the schedule (decreasing, inside (0, pi/2)) before any sampling
         eval_params = config.load_config(args.preset, args.overrides + [
             f"run.seed={args.eval_seed}", f"sampler.student_mid_times=[{schedule}]"])
         eval_set = gate.gate_set(eval_params)
         for steps in args.steps:
+            if steps == 1 and schedule != args.schedule[0]:
+                continue  # one step has no mid times
             t0 = time.perf_counter()
             images = gate.sample_student(student, components, eval_params, eval_set, steps,
                                          precision=params.cache.precision)
-            scores = metrics.score_images(reader.read(images), eval_set.attributes, eval_set.image_prompt)
-            rows[f"[{schedule}] @{steps}"] = {
-                "alignment": scores["alignment"], "alignment_ci": scores["alignment_ci"],
-                "eyes": scores["alignment_eyes"], "shape": scores["alignment_shape"],
-                "clean_rate": scores["clean_rate"], "n_images": scores["n_images"],
-                "s": time.perf_counter() - t0}
-            print(f"{schedule} @{steps}: alignment {scores['alignment']:.3f}", flush=True)
+            rows[f"[{schedule}] @{steps}"] = {**score(images, eval_set), "s": time.perf_counter() - t0}
+            scores = rows[f"[{schedule}] @{steps}"]
+            print(f"{schedule} @{steps}: alignment {scores['alignment']:.3f}, strict {scores['strict_alignment']:.3f}",
+                  flush=True)
     print(f"\nrCM student ({params.distill.checkpoint}), eval seed {args.eval_seed} "
           f"(gate uses run.seed {params.run.seed}), {params.gate.n_prompts} prompts × "
           f"{params.gate.seeds_per_prompt} seeds")

@@ -274,3 +274,23 @@ def test_validation_creates_no_folders(tmp_path):
     load_config(path)
     assert main(["params", str(path)]) == 0
     assert not fresh.exists()
+
+
+def test_renamed_keys_are_refused_naming_the_new_key(tmp_path):
+    """distill.student_steps counted optimizer updates (gate.student_steps: sampler steps): it is now
+    distill.student_updates, and the old key fails naming the new one, from a preset, --set, or papermill's dict."""
+    assert config.RENAMED_KEYS["distill.student_steps"] == "distill.student_updates"
+    message = r"distill\.student_steps is now distill\.student_updates \(renamed; update your preset or --set\)"
+    preset = write(tmp_path, base(tmp_path) + "distill:\n  student_steps: 10\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(preset)
+    with pytest.raises(ConfigError, match=message):
+        load_config("smoke", ["distill.student_steps=10"])
+    with pytest.raises(ConfigError, match=message):
+        load_config("smoke", {"distill.student_steps": 10})
+    assert load_config("smoke", ["distill.student_updates=10"]).distill.student_updates == 10
+    assert load_config("smoke", ["gate.student_steps=[1,4]"]).gate.student_steps == [1, 4]  # not renamed
+    for old, new in config.RENAMED_KEYS.items():   # every new name exists; no old name does
+        for name, exists in ((new, True), (old, False)):
+            section, key = name.split(".")
+            assert (key in getattr(config.Params(), section).__dataclass_fields__) == exists, name

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from anima_lib import io, toy
 from anima_lib.distill import trainer
-from anima_lib.flow_matching import FlowMatchingConfig, train_flow_matching
+from anima_lib.flow_training import FlowMatchingConfig, train_flow_matching
 
 sys.path.insert(0, str(Path(__file__).parent))
 import crash_toy_distill  # noqa: E402

@@ -43,7 +43,7 @@ def _differences(a: Path, b: Path) -> dict:
     return out
 
 
-def _assert_same_run(diffs: dict, lr: float, student_steps: int) -> None:
+def _assert_same_run(diffs: dict, lr: float, student_updates: int) -> None:
     """Gradients (Adam's moments; beta1 = 0 makes exp_avg the last gradient) agree to float32 summation order. Weights
     agree to 1e-6 except a handful of elements: Adam's first steps move every weight by ~lr * g/|g|, so a gradient at
     rounding level whose sign the other summation order flips moves one weight by up to 2 lr per step."""
@@ -51,7 +51,7 @@ def _assert_same_run(diffs: dict, lr: float, student_steps: int) -> None:
         assert diffs[name]["relative"] < 1e-4, (name, diffs[name])
     for name in WEIGHTS:
         assert diffs[name]["over_1e-6"] <= 1e-5 * diffs[name]["elements"], (name, diffs[name])
-        assert diffs[name]["max"] <= 2 * lr * student_steps, (name, diffs[name])
+        assert diffs[name]["max"] <= 2 * lr * student_updates, (name, diffs[name])
 
 
 def test_two_fsdp_ranks_match_one_process_and_checkpoints_resume_across_world_sizes(tmp_path):
@@ -66,7 +66,7 @@ def test_two_fsdp_ranks_match_one_process_and_checkpoints_resume_across_world_si
     assert result.returncode == 0, result.stderr[-3000:]
     at_6 = _differences(tmp_path / "fsdp" / "last", tmp_path / "single" / "last")
     print(f"2 FSDP ranks (activation checkpointing on) vs 1 process, 6 iterations: {at_6}")
-    _assert_same_run(at_6, single.cfg.lr, single.state.student_steps)
+    _assert_same_run(at_6, single.cfg.lr, single.state.student_updates)
 
     # the FSDP checkpoint (whole tensors, written by rank 0) resumes in one process, the 1-process one in 2 FSDP ranks
     resumed = fsdp_toy_distill.distiller(tmp_path / "fsdp", 10)
@@ -77,7 +77,7 @@ def test_two_fsdp_ranks_match_one_process_and_checkpoints_resume_across_world_si
     for name in ("fsdp", "to_fsdp"):
         at_10 = _differences(tmp_path / name / "last", tmp_path / "single" / "last")
         print(f"{name} resumed at 6 {'in 1 process' if name == 'fsdp' else 'by 2 FSDP ranks'}, 10 iterations: {at_10}")
-        _assert_same_run(at_10, straight.cfg.lr, straight.state.student_steps)
+        _assert_same_run(at_10, straight.cfg.lr, straight.state.student_updates)
     kinds = [h["kind"] for h in resumed.state.history]
     assert kinds == [h["kind"] for h in straight.state.history] and {"critic", "student"} <= set(kinds)
     student = trainer.load_student_weights(fsdp_toy_distill.tiny_transformer(seed=1), tmp_path / "fsdp")

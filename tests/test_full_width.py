@@ -130,13 +130,13 @@ def test_survival_table_reads_the_real_world_metrics():
     assert "fid_vs_ref 12.5" in lora_survival.survival_verdict(table, ["deturbo"], [1], names)
 
 
-def test_subset_params_take_at_most_the_prompts_the_files_hold(stand_in_world, tmp_path):
+def test_smaller_gate_sets_take_at_most_the_prompts_the_files_hold(stand_in_world):
     params, world = stand_in_world
-    subset = worlds.subset_params(tmp_path / "fullwidth.yaml", [], n_prompts=16)
-    assert (subset.gate.n_prompts, subset.gate.seeds_per_prompt) == (2, 1)
-    assert world.with_params(subset).gate.image_prompt == [0, 1]
-    nano = worlds.subset_params("smoke", [], n_prompts=16)  # the creature sampler draws any number
-    assert (nano.gate.n_prompts, nano.gate.seeds_per_prompt) == (16, 1)
+    subset = gate.gate_set(params, n_prompts=16, seeds_per_prompt=1)
+    assert (len(subset.prompts), subset.image_prompt, subset.image_seed) == (2, [0, 1], [0, 0])
+    assert world.with_gate(n_prompts=16, seeds_per_prompt=1).gate.image_prompt == [0, 1]
+    nano = gate.gate_set(config.load_config("smoke", check_paths=False), n_prompts=16, seeds_per_prompt=1)
+    assert (len(nano.prompts), len(nano.image_prompt)) == (16, 16)  # the creature sampler draws any number
 
 
 def test_nano_only_fallbacks_refuse_a_real_preset(stand_in_world):

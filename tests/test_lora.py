@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anima_lib import checks, config, flow_matching, lora, lora_survival, models
+from anima_lib import checks, config, flow_training, lora, lora_survival, models
 from anima_lib.distill import deturbo
 from anima_lib.nano_world.prompts import vocabulary
 
@@ -134,7 +134,7 @@ def test_lora_training_against_a_teacher_velocity_closes_the_gap(nano, tmp_path)
     teacher = lora.fused(student, [(_random_lora(student, rank=2, alpha=2.0, seed=11, std=0.3, modules=modules), 1.0)])
     x0 = torch.randn(64, *nano.latent_shape(32), generator=torch.Generator().manual_seed(1))
     context = nano.encode_prompts([PROMPT]).expand(64, -1, -1)
-    cfg = flow_matching.FlowMatchingConfig(steps=150, batch_size=16, lr=3e-3, warmup_steps=10, ema_decay=0.9,
+    cfg = flow_training.FlowMatchingConfig(steps=150, batch_size=16, lr=3e-3, warmup_steps=10, ema_decay=0.9,
                                            caption_dropout=0.0, checkpoint_every=75)
 
     def batches(step, generator):
@@ -205,9 +205,9 @@ def test_survival_table_and_verdict():
             "student@4": {"attribute_alignment": 0.5, "diversity": 10.0}}
     values = {"teacher": (0.6, 0.85), "deturbo": (0.8, 0.88), "student": (0.9, 0.9)}
     for way, (s1, s4) in values.items():
-        rows[f"{lora_survival.ROW_NAMES[way]}@1"] = {"style_score": s1, "attribute_alignment": 0.39, "diversity": 9.0,
+        rows[f"{lora_survival.WAY_ROWS[way]}@1"] = {"style_score": s1, "attribute_alignment": 0.39, "diversity": 9.0,
                                             "clean_rate": 0.1, "fd_probe_vs_reference": 50.0}
-        rows[f"{lora_survival.ROW_NAMES[way]}@4"] = {"style_score": s4, "attribute_alignment": 0.49, "diversity": 9.5,
+        rows[f"{lora_survival.WAY_ROWS[way]}@4"] = {"style_score": s4, "attribute_alignment": 0.49, "diversity": 9.5,
                                             "clean_rate": 0.2, "fd_probe_vs_reference": 40.0}
     rows["student+lora_student@1"].update(diversity=4.0, fd_probe_vs_reference=200.0)  # collapse
     table = lora_survival.survival_table(rows, "teacher+lora@20", list(values), [1, 4])

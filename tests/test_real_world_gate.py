@@ -355,7 +355,7 @@ def test_anima_2b_preset_carries_the_published_2b_recipe():
     d, s = p.distill, p.sampler
     assert (d.lr, d.fake_lr, d.batch_size, d.student_every, d.max_rollout) == (1e-6, 2e-7, 512, 5, 4)
     assert d.dmd_weight / d.scm_weight == pytest.approx(0.01) and d.tangent_warmup == 0
-    assert d.student_steps * d.student_every == 30_000  # 30k iterations, critic steps included
+    assert d.student_updates * d.student_every == 30_000  # 30k iterations, critic steps included
     assert (d.p_g, d.p_d) == ([-0.8, 1.6], [0.0, 1.6])
     assert s.sigma_max == 80 and s.student_mid_times == [1.3, 1.0, 0.6] and s.teacher_steps == 20
     assert (d.tangent, d.parallel, d.activation_checkpointing) == ("fd", "fsdp", True)

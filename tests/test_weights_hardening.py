@@ -145,11 +145,11 @@ def test_nan_in_probe_weights_is_refused(tmp_path):
 
 
 def test_nan_in_a_parity_fixture_is_refused(tmp_path):
-    from anima_lib import fixtures
-    (tmp_path / fixtures.INDEX).write_text(json.dumps({"prompts": ["x"], "files": {}}))
+    from anima_lib import parity_fixtures
+    (tmp_path / parity_fixtures.INDEX).write_text(json.dumps({"prompts": ["x"], "files": {}}))
     save_file({"context": torch.tensor([[1.0, float("nan")]])}, tmp_path / "text.safetensors")
     with pytest.raises(NonFiniteWeightsError, match="text.safetensors: tensor 'context'"):
-        fixtures.replay(tmp_path, components=None, student=None)
+        parity_fixtures.replay(tmp_path, components=None, student=None)
 
 
 # --- item 9: rank and shape mismatches --------------------------------------------------------------------------------

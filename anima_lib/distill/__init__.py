@@ -22,7 +22,7 @@ from ..checks import Check
 from .rcm import RCMConfig
 from .trainer import DistillConfig, Distiller, DivergenceError, load_student_weights  # noqa: F401
 
-ROW_NAMES = {"rcm": "student", "scm": "student_scm", "lcm": "student_lcm"}   # gate rows: <name>@<steps>
+METHOD_ROWS = {"rcm": "student", "scm": "student_scm", "lcm": "student_lcm"}   # gate rows: <name>@<steps>
 
 
 def checkpoint_dir(params, method: str) -> Path:
@@ -44,7 +44,7 @@ def distill_config(params, method: str) -> DistillConfig:
                         grad_accumulation=d.grad_accumulation, snapshot_every=d.snapshot_every,
                         keep_snapshots=d.keep_snapshots, rcm=rcm_cfg)
     cfg.lcm.shift = params.sampler.shift
-    cfg.iterations = d.student_steps * (d.student_every if cfg.uses_critic else 1)
+    cfg.iterations = d.student_updates * (d.student_every if cfg.uses_critic else 1)
     return cfg
 
 
@@ -52,8 +52,8 @@ def build_distiller(params, method: str, components=None, rank: int = 0, world_s
                     log_to_file: bool = True) -> Distiller:
     """Everything a run needs, checked before any training: the cache (built by this teacher), the student (a float32
     copy of the teacher's DiT, or the checkpoint it resumes from)."""
-    if method not in ROW_NAMES:
-        raise ValueError(f"method {method!r}: allowed {list(ROW_NAMES)}")
+    if method not in METHOD_ROWS:
+        raise ValueError(f"method {method!r}: allowed {list(METHOD_ROWS)}")
     components = components if components is not None else models.load_components(params)
     teacher = components.transformer.eval().requires_grad_(False)
     data = CacheBatches(cache_folder(params), precision=params.cache.precision, seed=params.run.seed,

@@ -26,20 +26,21 @@ import torch
 from .. import flow, lora, models, sampler
 from ..cache import CacheBatches, cache_folder
 from ..checks import Check
+from ..config import BUDGET_KEYS
 
 
 class DeturboError(RuntimeError):
     """The De-Turbo adapter is missing or was trained for another student."""
 
 
-KEY_EXCLUDED = ("minutes", "checkpoint_every", "eval_rows")  # do not change what the adapter learns
+NOT_IN_ADAPTER_KEY = BUDGET_KEYS + ("eval_rows",)  # deturbo.* keys that do not change what the adapter learns
 
 
 def deturbo_settings(params, teacher: torch.nn.Module, student: torch.nn.Module) -> dict:
     d = params.deturbo
     return {"student_sha256": models.weights_digest(student), "teacher_sha256": models.weights_digest(teacher),
             "cache_precision": params.cache.precision,
-            "deturbo": {k: getattr(d, k) for k in d.__dataclass_fields__ if k not in KEY_EXCLUDED}}
+            "deturbo": {k: getattr(d, k) for k in d.__dataclass_fields__ if k not in NOT_IN_ADAPTER_KEY}}
 
 
 def deturbo_folder(params, teacher: torch.nn.Module, student: torch.nn.Module) -> Path:

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..flow_matching import (EMA, ResumeError, load_optimizer_state, optimizer_state_tensors, check_same_run,
+from ..flow_training import (EMA, ResumeError, load_optimizer_state, optimizer_state_tensors, check_same_run,
                              warmup_lr)
 from ..io import atomic_replace_dir, atomic_write_json, load_finite, recover_dir
 from . import lcm, parallel, rcm
@@ -124,7 +124,7 @@ ModuleCall = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Optional[tor
 @dataclass
 class DistillState:
     iteration: int = 0
-    student_steps: int = 0
+    student_updates: int = 0   # student optimizer updates (rCM: one per student_every iterations)
     wall_s: float = 0.0
     history: list = field(default_factory=list)   # one dict per iteration: kind, loss terms, grad norm
 
@@ -273,8 +273,8 @@ class Distiller:
             grid_index = self._local(torch.randint(cfg.lcm.grid_steps, (cfg.batch_size,), generator=self.generator))
             return {"grid_index": grid_index, "noise": self._randn_like(x0).float()}
         draws = {"t": self._times(r.p_g_mean, r.p_g_std), "noise": self._randn_like(x0)} if cfg.method != "dmd" else {}
-        if cfg.uses_critic and (cfg.method == "dmd" or self.state.student_steps >= r.tangent_warmup):
-            draws["rollout_steps"] = self.state.student_steps % r.max_rollout + 1    # cycles 1..4 as rCM's code does
+        if cfg.uses_critic and (cfg.method == "dmd" or self.state.student_updates >= r.tangent_warmup):
+            draws["rollout_steps"] = self.state.student_updates % r.max_rollout + 1    # cycles 1..4 as rCM's code does
             draws["rollout_times"] = self._rollout_times(draws["rollout_steps"])
             draws["rollout_noises"] = [self._randn_like(x0) for _ in draws["rollout_times"]]
             draws["t_d"] = self._times(r.p_d_mean, r.p_d_std)
@@ -295,7 +295,7 @@ class Distiller:
         if cfg.method != "dmd":   # rcm and its sCM-only ablation
             t, noise = draws["t"], draws["noise"]
             x_t = rcm.as_column(torch.cos(t), x0) * x0 + rcm.as_column(torch.sin(t), x0) * noise
-            warmup = 1.0 if r.tangent_warmup == 0 else min(1.0, self.state.student_steps / r.tangent_warmup)
+            warmup = 1.0 if r.tangent_warmup == 0 else min(1.0, self.state.student_updates / r.tangent_warmup)
             tangent = rcm.scm_tangent(student_fn, teacher, x_t, t, context, warmup, r.tangent_norm, self.net_dtype,
                                       r.tangent, r.fd_delta)
             terms["scm"] = rcm.scm_loss(student_fn, x_t, t, context, tangent["g_hat"], self.net_dtype)
@@ -341,11 +341,11 @@ class Distiller:
         info["grad_norm"] = parallel.grad_norm(params)
         if not math.isfinite(info["grad_norm"]):  # already global (gradients were all-reduced)
             self._check({"student gradient norm": info["grad_norm"]})
-        self._set_lr(self.opt, cfg.lr, self.state.student_steps)
+        self._set_lr(self.opt, cfg.lr, self.state.student_updates)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)   # no student grads held through the critic steps (2B: 8 GB in fp32)
-        self.state.student_steps += 1
-        self.ema.update(_trained(self.student), self.state.student_steps)
+        self.state.student_updates += 1
+        self.ema.update(_trained(self.student), self.state.student_updates)
         if self.target is not None:
             with torch.no_grad():
                 for p_target, p in zip(self.target.parameters(), self.student.parameters()):
@@ -496,7 +496,7 @@ class Distiller:
         check_same_run(meta["config"], asdict(self.cfg), last, RESUMABLE_CHANGES, self.param_names)
         if meta["iteration"] > self.cfg.iterations:
             raise ResumeError(f"{last}: the checkpoint has trained {meta['iteration']} iterations, more than the "
-                             f"{self.cfg.iterations} asked for (distill.student_steps); ask for at least as many, score "
+                             f"{self.cfg.iterations} asked for (distill.student_updates); ask for at least as many, score "
                              f"an earlier ema_<iteration>.safetensors (distill.checkpoint), or use another run.name")
         _load_module(self.student, last / "student.safetensors", self.cfg.adapters_only)
         self.ema.shadow = _placed_like(load_finite(last / "ema.safetensors"), self.ema.shadow)
@@ -508,7 +508,8 @@ class Distiller:
             _load_module(self.target, last / "lcm_target.safetensors")
         self.generator.set_state(load_file(last / "rng.safetensors")["generator"])
         self.fake_steps = meta["fake_steps"]
-        self.state = DistillState(iteration=meta["iteration"], student_steps=meta["student_steps"],
+        updates = meta["student_updates"] if "student_updates" in meta else meta["student_steps"]  # older checkpoints
+        self.state = DistillState(iteration=meta["iteration"], student_updates=updates,
                                   wall_s=meta["wall_s"], history=meta["history"])
 
 

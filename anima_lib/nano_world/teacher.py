@@ -17,7 +17,7 @@ import torch
 
 from .. import networks
 from ..config import load_config
-from ..flow_matching import FlowMatchingConfig, load_ema_into, smoothed, train_flow_matching
+from ..flow_training import FlowMatchingConfig, load_ema_into, smoothed, train_flow_matching
 from ..checks import Check
 from ..models import SHIPPED_TEACHER, load_teacher, save_teacher, verify_teacher  # noqa: F401 - the teacher's files
 from .prompts import all_creatures, vocabulary

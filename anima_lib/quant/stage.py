@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import fixtures, gate, sampler, text, worlds
+from .. import gate, parity_fixtures, sampler, text
 from ..checks import Check
 from ..networks import transformer_velocity
 from . import calibrated, ledger, load_memory, mlx_affine, packed, policy as quant_policy, q8_0
@@ -42,7 +42,7 @@ LEDGER_BUDGET_GB = 2.5             # the Anima weights (this run's DiT policy at
                                    # decoder) must fit
 SEARCH_OVER_MINMAX_MAX = 1.0       # clip search's weight error / min-max's at quant.bits must be below this
 GGUF_READBACK_MAX_DIFF = 0.0       # gguf-py must read back exactly what we wrote
-REPLAY_MIN_COSINE = fixtures.WORST_ROW_COSINE_GATE   # the parity fixtures replay through the quantized student
+REPLAY_MIN_COSINE = parity_fixtures.WORST_ROW_COSINE_GATE   # the parity fixtures replay through the quantized student
 
 
 def quantized_root(params) -> Path:
@@ -76,6 +76,7 @@ class StudentInputs:
     """The student's sampler inputs on a few gate prompts: `noises` (the gate's, one per step), the Q8_0 `context`,
     and the `trace` of the full-precision student's 4-step chain ({"x", "sigma", ...} per step)."""
     params: object
+    gate_set: gate.GateSet   # the few gate prompts (gate.gate_set at that size)
     noises: list
     context: torch.Tensor
     trace: list = field(default_factory=list)
@@ -90,22 +91,21 @@ class StudentInputs:
         return torch.cat([transformer_velocity(model, step["x"], step["sigma"], self.context) for step in self.trace])
 
 
-def gate_subset_inputs(params, components, n_prompts: int, steps: int) -> tuple[object, gate.GateSet, list, torch.Tensor]:
-    """(params with the smaller gate, its gate set, the gate's noises for `steps` steps, the Q8_0 context)."""
-    subset = worlds.with_gate_size(params, n_prompts=n_prompts)
-    gate_set = gate.gate_set(subset)
+def gate_subset_inputs(params, components, n_prompts: int, steps: int) -> tuple[gate.GateSet, list, torch.Tensor]:
+    """(the gate set at `n_prompts` prompts x 1 seed, its noises for `steps` steps, the Q8_0 context)."""
+    gate_set = gate.gate_set(params, n_prompts=n_prompts, seeds_per_prompt=1)
     shape = components.latent_shape(params.gate.image_size)
-    noises = [gate.gate_noise(subset, shape, gate_set, gate.MAIN).to(components.device)] + [
-        gate.gate_noise(subset, shape, gate_set, 2 + k).to(components.device) for k in range(steps - 1)]
+    noises = [gate.gate_noise(params, shape, gate_set, gate.MAIN).to(components.device)] + [
+        gate.gate_noise(params, shape, gate_set, 2 + k).to(components.device) for k in range(steps - 1)]
     context = text.text_path_at(components, "q8_0").encode_prompts(gate_set.prompts).float()
-    return subset, gate_set, noises, context
+    return gate_set, noises, context
 
 
 def student_inputs(params, components, student: torch.nn.Module, n_prompts: int = CALIBRATION_PROMPTS,
                    steps: int = CALIBRATION_STEPS) -> StudentInputs:
-    subset, gate_set, noises, context = gate_subset_inputs(params, components, n_prompts, steps)
-    inputs = StudentInputs(subset, noises, context)
-    sampler.student_sample(student, noises, context, subset, trace=inputs.trace)
+    gate_set, noises, context = gate_subset_inputs(params, components, n_prompts, steps)
+    inputs = StudentInputs(params, gate_set, noises, context)
+    sampler.student_sample(student, noises, context, params, trace=inputs.trace)
     return inputs
 
 
@@ -176,7 +176,7 @@ def eyes_score(params, components, n_prompts: int = DETAIL_PROMPTS,
     only: the reader reads creatures)."""
     from ..nano_world import detail_reader
     held_out = dataclasses.replace(params, run=dataclasses.replace(params.run, seed=params.run.seed + DETAIL_SEED_OFFSET))
-    subset, gate_set, noises, context = gate_subset_inputs(held_out, components, n_prompts, max(steps))
+    gate_set, noises, context = gate_subset_inputs(held_out, components, n_prompts, max(steps))
     reader = detail_reader.load_detail_reader()
     eyes = detail_reader.READ_VALUES["eyes"]
     target = torch.tensor([eyes.index(gate_set.attributes[p]["eyes"]) for p in gate_set.image_prompt])
@@ -185,7 +185,7 @@ def eyes_score(params, components, n_prompts: int = DETAIL_PROMPTS,
     def score(model: torch.nn.Module) -> torch.Tensor:
         total = torch.zeros(len(target))
         for k in steps:
-            images = components.codec.decode(sampler.student_sample(model, noises[:k], context, subset)).float().cpu()
+            images = components.codec.decode(sampler.student_sample(model, noises[:k], context, held_out)).float().cpu()
             total += detail_reader.read_details(reader, images).probs["eyes"].gather(1, target[:, None])[:, 0]
         return total / len(steps)
     return score
@@ -360,9 +360,9 @@ def run_quantize(params, components, student: torch.nn.Module, progress: Callabl
     progress("parity fixtures")
     fixture_dir = params.output_path() / "fixtures"
     as_float = copy.deepcopy(quantized).float()
-    index = fixtures.write(fixture_dir, components, as_float, gate.gate_set(inputs.params).prompts[:FIXTURE_PROMPTS],
+    index = parity_fixtures.write(fixture_dir, components, as_float, inputs.gate_set.prompts[:FIXTURE_PROMPTS],
                            params)
-    replayed = fixtures.replay(fixture_dir, components, as_float)
+    replayed = parity_fixtures.replay(fixture_dir, components, as_float)
     return QuantizeResult(
         fmt=fmt, method=q.method, policy=dit_policy, chosen=chosen, kept=kept, method_error=method_error,
         sensitivity=sensitivity, detail_drop=drops, detail_drop_low=drops_low,

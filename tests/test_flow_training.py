@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from anima_lib.flow_matching import FlowMatchingConfig, load_ema_into, sample_times, train_flow_matching
+from anima_lib.flow_training import FlowMatchingConfig, load_ema_into, sample_times, train_flow_matching
 
 
 class TinyField(torch.nn.Module):

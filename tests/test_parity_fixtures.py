@@ -4,7 +4,7 @@ import copy
 import torch
 from safetensors.torch import load_file, save_file
 
-from anima_lib import config, fixtures, models
+from anima_lib import config, models, parity_fixtures
 from anima_lib.nano_world.prompts import sample_creatures, vocabulary
 from anima_lib.quant import ledger, packed
 
@@ -16,13 +16,13 @@ def test_fixtures_replay_at_the_gate_and_catch_corruption(tmp_path):
                                           dtype=torch.float32)
     params = config.load_config("smoke", check_paths=False)
     prompts = [c.prompt() for c in sample_creatures(3, seed=5)]
-    index = fixtures.write(tmp_path, components, student, prompts, params)
+    index = parity_fixtures.write(tmp_path, components, student, prompts, params)
     assert {"text.safetensors", "dit.safetensors", "sampler_1.safetensors", "sampler_4.safetensors",
             "weights.safetensors"} <= set(index["files"])
     assert index["files"]["sampler_4.safetensors"]["step3.x0"]["shape"][0] == 3
-    results = fixtures.replay(tmp_path, components, student)
-    assert len(results) > 10 and min(results.values()) >= fixtures.WORST_ROW_COSINE_GATE, results
+    results = parity_fixtures.replay(tmp_path, components, student)
+    assert len(results) > 10 and min(results.values()) >= parity_fixtures.WORST_ROW_COSINE_GATE, results
     stored = load_file(tmp_path / "dit.safetensors")
     stored["velocity"][0, :, 0, 2, 3] *= -1  # one pixel of one image wrong: the worst row catches it
     save_file(stored, tmp_path / "dit.safetensors")
-    assert fixtures.replay(tmp_path, components, student)["dit.velocity"] < fixtures.WORST_ROW_COSINE_GATE
+    assert parity_fixtures.replay(tmp_path, components, student)["dit.velocity"] < parity_fixtures.WORST_ROW_COSINE_GATE

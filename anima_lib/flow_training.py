@@ -1,5 +1,6 @@
 """Flow-matching training as Anima was trained: RF velocity target, logit-normal times, caption dropout, AdamW, EMA,
-atomic resumable checkpoints. Used for the nano teacher (and any plain fine-tune of the velocity network).
+atomic resumable checkpoints. Used for the nano teacher and the style/De-Turbo adapters (lora.py); the distillation
+trainer shares its EMA, checkpoint and resume checks. The flow and TrigFlow conventions themselves are flow.py's.
 
     x_s = (1-s) x0 + s eps,   target v = eps - x0,   loss = mean ||net(x_s, s, c) - v||^2
     s = sigmoid(N(mean, std))  (logit-normal, optionally shifted like the sampler)
