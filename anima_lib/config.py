@@ -266,7 +266,7 @@ class DistillParams:
                               check=_non_negative, bounds=(0, 1e6))
     max_rollout: int = _spec(4, help="student rollouts of 1..N steps for DMD and the critic", check=_positive,
                              bounds=(1, 64))
-    rollout_times: str = _spec("random", help="times of the DMD/critic rollouts: 'random' (t_n ~ p_D, rCM's draw) or "
+    rollout_times: str = _spec("sampler", help="times of the DMD/critic rollouts: 'random' (t_n ~ p_D, rCM's draw) or "
                                               "'sampler' (sampler.student_mid_times, the times the student is "
                                               "served at, as DMD2's backward simulation does)",
                                allowed=("random", "sampler"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from anima_lib import flow, models, sampler, toy
+from anima_lib import config, distill, flow, models, sampler, toy
 from anima_lib.distill import rcm, trainer
 from anima_lib.nano_world.prompts import vocabulary
 
@@ -209,3 +209,15 @@ def test_two_gloo_ranks_compute_the_same_update_as_one_process(tmp_path):
         assert torch.equal(rank0[name], rank1[name]), f"{name}: ranks drifted apart"
         torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-5)
     assert (tmp_path / "ddp" / "ck" / "last" / "state.json").is_file()
+
+
+def test_rollout_times_follow_the_served_schedule_or_p_d():
+    served = config.load_config("nano", ["distill.rollout_times=sampler", "sampler.student_mid_times=[1.1,0.7,0.3]"])
+    drawn = config.load_config("nano", ["distill.rollout_times=random"])
+    cfg = distill.distill_config(served, "rcm").rcm
+    assert cfg.rollout_mid_times == (1.1, 0.7, 0.3) and distill.distill_config(drawn, "rcm").rcm.rollout_mid_times == ()
+    times = rcm.rollout_times(4, torch.Generator().manual_seed(0), cfg, batch=3)
+    assert [round(float(t[0]), 6) for t in times] == [round(math.atan(80.0), 6), 1.1, 0.7, 0.3]
+    random_times = rcm.rollout_times(4, torch.Generator().manual_seed(0), distill.distill_config(drawn, "rcm").rcm, 3)
+    assert all((later <= earlier).all() for earlier, later in zip(random_times, random_times[1:]))
+    assert len({round(float(t), 6) for t in random_times[1]}) > 1   # a draw per sample
