@@ -5,7 +5,7 @@ handed them), trains with its own atomic checkpoints, and returns what the in-pr
 
 Why: the nano networks are too small for two CPU threads to halve a step. Measured on this 2-core machine, one rCM
 run took 0.9 s/iteration at 2 threads alone, two runs side by side took 1.3 s/iteration each at 1 thread: two equal
-jobs finish in 1.45 units of one job's 2-thread time instead of 2 (`benchmarks/pipeline_time.py` shows the effect).
+jobs finish in 1.45 units of one job's 2-thread time instead of 2.
 Only CPU runs: a GPU is one device, spread over it with torchrun instead.
 """
 from __future__ import annotations
