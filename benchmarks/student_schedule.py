@@ -6,6 +6,11 @@ seed), so choosing mid times here does not tune on the gate's own images. The st
 and does not depend on the schedule, so no retraining is needed.
 
     .venv/bin/python benchmarks/student_schedule.py [--eval-seed 7] [--steps 2 4] [--schedule 1.3,1.0,0.6 ...]
+    ... --late-checkpoint outputs/nano/checkpoints/rcm/ema_000500.safetensors --late-below 1.4
+
+`--late-checkpoint` locates which step of the chain a longer training degraded: the chain's steps that start at trig
+time <= `--late-below` run another EMA snapshot (the first step stays the run's student). Diagnostic only: the phone
+serves one student.
 Needs 02_distill's rCM student for the run (`anima run params/nano.yaml --only 02_distill`).
 """
 import argparse
@@ -13,11 +18,30 @@ import time
 
 import torch
 
+from anima_lib import flow
+
 from anima_lib import config, distill, gate, metrics, models, report
 from anima_lib.nano_world import detail_reader
 from anima_lib.nano_world.probes import load_probe
 
 DEFAULT_SCHEDULES = ["1.3,1.0,0.6", "1.1,0.8,0.4", "1.0,0.6,0.3", "0.9,0.5,0.2", "1.2,0.7,0.3"]
+
+
+class TimeSplitDiT(torch.nn.Module):
+    """Two DiTs as one: calls at RF sigma <= `split_sigma` go to `late`, the others to `early` (the whole batch shares
+    one time in the student sampler)."""
+
+    def __init__(self, early: torch.nn.Module, late: torch.nn.Module, split_sigma: float):
+        super().__init__()
+        self.early, self.late, self.split_sigma = early, late, split_sigma
+
+    @property
+    def dtype(self):
+        return self.early.dtype
+
+    def forward(self, hidden_states, timestep, **kwargs):
+        model = self.late if float(timestep.flatten()[0]) <= self.split_sigma else self.early
+        return model(hidden_states=hidden_states, timestep=timestep, **kwargs)
 
 
 def main():
@@ -30,6 +54,10 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--teacher", action="store_true", help="also score teacher@sampler.teacher_steps (CFG) on the "
                                                                  "held-out set: the reference of the 0.97x target")
+    parser.add_argument("--late-checkpoint", default=None, help="an EMA snapshot for the steps at trig time <= "
+                                                                   "--late-below (diagnostic)")
+    parser.add_argument("--late-below", type=float, default=1.4, help="trig time at or below which a step runs "
+                                                                      "--late-checkpoint")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -38,6 +66,9 @@ def main():
         parser.error(f"--eval-seed {args.eval_seed} equals run.seed: that is the gate's own set, not a held-out one")
     components = models.load_components(params)
     student = distill.load_student(params, components, "rcm", params.distill.checkpoint)
+    if args.late_checkpoint:
+        late = distill.load_student(params, components, "rcm", args.late_checkpoint)
+        student = TimeSplitDiT(student, late, flow.trig_to_rf_time(args.late_below))
     reader = metrics.ProbeReader(load_probe())
     strict = detail_reader.load_detail_reader()  # the gate's detail-strict reading (eyes confident and right)
     rows = {}
@@ -72,7 +103,8 @@ def main():
             scores = rows[f"[{schedule}] @{steps}"]
             print(f"{schedule} @{steps}: alignment {scores['alignment']:.3f}, strict {scores['strict_alignment']:.3f}",
                   flush=True)
-    print(f"\nrCM student ({params.distill.checkpoint}), eval seed {args.eval_seed} "
+    late = f", steps at t <= {args.late_below} from {args.late_checkpoint}" if args.late_checkpoint else ""
+    print(f"\nrCM student ({params.distill.checkpoint}{late}), eval seed {args.eval_seed} "
           f"(gate uses run.seed {params.run.seed}), {params.gate.n_prompts} prompts × "
           f"{params.gate.seeds_per_prompt} seeds")
     print(report.markdown_table(rows))
