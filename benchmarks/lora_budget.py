@@ -14,17 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from anima_lib import config, lora, lora_survival, models, worlds  # noqa: E402
-from anima_lib.flow_training import load_ema_into  # noqa: E402
+from anima_lib import config, lora, lora_survival, models, worlds
+from anima_lib.flow_training import load_ema_into
 
 
 def checkpoint_dir(path: Path) -> Path:

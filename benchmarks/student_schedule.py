@@ -18,9 +18,7 @@ import time
 
 import torch
 
-from anima_lib import flow
-
-from anima_lib import config, distill, gate, metrics, models, report
+from anima_lib import config, distill, flow, gate, metrics, models, report
 from anima_lib.nano_world import detail_reader
 from anima_lib.nano_world.probes import load_probe
 
