@@ -3,13 +3,16 @@ each kwargs of `jobs`, in this process one after another (run.jobs = 1), or in r
 share run.threads between them. A worker loads its own models from disk (the job function does that when it is not
 handed them), trains with its own atomic checkpoints, and returns what the in-process call returns.
 
-Why: the nano networks are too small for two CPU threads to halve a step. Measured on this 2-core machine, one rCM
-run took 0.9 s/iteration at 2 threads alone, two runs side by side took 1.3 s/iteration each at 1 thread: two equal
-jobs finish in 1.45 units of one job's 2-thread time instead of 2.
+Why: the nano networks are too small for two CPU threads to halve a step. Measured on this 2-core machine
+(2026-12-04, rCM with 1-step DMD rollouts): one run 0.56 s/iteration at 2 threads alone; two runs side by side at 1
+thread each 0.84 and 0.90 s/iteration: two equal jobs finish in 1.55 units of one job's 2-thread time instead of 2.
+A worker must really run its share: two side by side with 2 OpenMP threads each took 2.5-3.2 s/iteration (run.threads
+is handed to the job for that: models.load_components sets it).
 Only CPU runs: a GPU is one device, spread over it with torchrun instead.
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable
@@ -24,6 +27,9 @@ def _start_worker() -> None:
 
 
 def _call(job: Callable, threads: int, params, kwargs: dict):
+    # the share goes into run.threads too: models.load_components sets run.threads, and a worker left at the
+    # notebook's count runs an OpenMP team per worker on shared cores (measured 4.5x slower than one at a time)
+    params = dataclasses.replace(params, run=dataclasses.replace(params.run, threads=threads))
     torch.set_num_threads(threads)
     return job(params, **kwargs)
 

@@ -12,6 +12,7 @@ from anima_lib import config, jobs
 def _job(params, x, loaded=None):
     if x < 0:
         raise ValueError(f"x = {x}: negative")
+    torch.set_num_threads(params.run.threads)   # what models.load_components does in a worker's job
     return {"pid": os.getpid(), "threads": torch.get_num_threads(), "square": x * x, "loaded": loaded}
 
 
