@@ -53,3 +53,13 @@ def test_off_by_default_writes_nothing(tmp_path):
     components = models.load_components(params)
     gate.sample_teacher(components, params, gate.gate_set(params), 1)
     assert not gate.samples_folder(params).exists()
+
+
+def test_teacher_speed_is_timed_on_fresh_samples_not_a_read_back_row(setup, monkeypatch):
+    params, components, gate_set = setup
+    gate.sample_teacher(components, params, gate_set, 2)   # stored: the next call reads it back in no time
+    sampled = []
+    real = gate._sample_teacher
+    monkeypatch.setattr(gate, "_sample_teacher", lambda c, p, g, *a: sampled.append(len(g.image_prompt)) or real(c, p, g, *a))
+    speed = gate.teacher_images_per_s(components, params, gate_set, 2, batch_size=1)
+    assert sampled == [1] and 0 < speed < float("inf")   # one fresh batch of batch_size images, timed
