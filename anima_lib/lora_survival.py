@@ -257,15 +257,24 @@ CONTENT_TARGET, DIVERSITY_TARGET = 0.9, 0.8   # relative to the student's own ro
 
 
 # The metric names of 06's survival table per evaluation world (anima_lib.worlds): style, content and diversity are
-# compared as ratios; `distance` is to the styled reference's other seeds; `report` is copied into the table as found.
+# compared as ratios; `distance` is to the styled reference's other seeds; `report` is copied into the table as found;
+# `graded_style` (None: the world has none) is a style reading that does not saturate, compared as a ratio beside style.
 SURVIVAL_METRICS = {
-    "nano": {"style": "style_score", "content": "attribute_alignment", "diversity": "diversity",
+    "nano": {"style": "style_score", "graded_style": "style_stripes", "content": "attribute_alignment",
+             "diversity": "diversity",
              "distance": "fd_probe_vs_reference", "distance_label": "fd_vs_ref", "distance_format": "{:.0f}",
              "report": ("clean_rate", "fd_probe_vs_reference")},
-    "real": {"style": "style_clip", "content": "clip_score", "diversity": "diversity_clip",
+    "real": {"style": "style_clip", "graded_style": None, "content": "clip_score", "diversity": "diversity_clip",
              "distance": "fid_vs_reference", "distance_label": "fid_vs_ref", "distance_format": "{:.1f}",
              "report": ("fid_vs_reference",)},
 }
+
+
+def graded_style_ratio(row: dict, reference: dict, names: dict) -> dict:
+    """{"graded_style_ratio": the world's graded style reading of `row` over the reference's} (empty where the world
+    has none): the saturating style score cannot tell "some style" from "the reference's style" (issue 17)."""
+    graded = names.get("graded_style")
+    return {"graded_style_ratio": row[graded] / max(reference[graded], 1e-9)} if graded else {}
 
 
 def survival_table(rows: dict, reference_row: str, ways, steps, names: Optional[dict] = None) -> dict[str, dict]:
@@ -283,6 +292,7 @@ def survival_table(rows: dict, reference_row: str, ways, steps, names: Optional[
             entry = {"style_ratio": row[style] / max(reference, 1e-9),
                      "content_ratio": row[content] / max(own[content], 1e-9),
                      "diversity_ratio": row[diversity] / max(own[diversity], 1e-9)}
+            entry.update(graded_style_ratio(row, rows[reference_row], names))
             entry["survives"] = bool(entry["style_ratio"] >= STYLE_TARGETS[k] and entry["content_ratio"] >= CONTENT_TARGET
                                      and entry["diversity_ratio"] >= DIVERSITY_TARGET)
             entry.update({key: row[key] for key in names["report"]})
@@ -306,8 +316,10 @@ def survival_verdict(table: dict[str, dict], ways, steps, names: Optional[dict] 
     parts = []
     for way in ways:
         ok = [k for k in steps if table[f"{way}@{k}"]["survives"]]
+        graded = (f" (graded x{cells(way, 'graded_style_ratio', '{:.2f}')})"
+                  if "graded_style_ratio" in table[f"{way}@{steps[0]}"] else "")
         parts.append(f"{way}: {'survives at ' + '/'.join(map(str, ok)) + ' steps' if ok else 'does not survive'} "
-                     f"(@{at}: style x{cells(way, 'style_ratio', '{:.2f}')}, content x"
+                     f"(@{at}: style x{cells(way, 'style_ratio', '{:.2f}')}{graded}, content x"
                      f"{cells(way, 'content_ratio', '{:.2f}')}, diversity x{cells(way, 'diversity_ratio', '{:.2f}')}, "
                      f"{names['distance_label']} {cells(way, distance, names['distance_format'])})")
     if "student" in ways:

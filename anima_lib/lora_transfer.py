@@ -404,7 +404,8 @@ def transfer_table(rows: dict, reference_row: str, arms: dict[str, str], steps, 
             table[f"{arm}@{k}"] = {
                 "style_ratio": row[style] / max(ref[style], 1e-9), "content_ratio": row[content] / max(ref[content], 1e-9),
                 "content_change": row[content] - bare[content], "content_floor": (high - low) / 2,
-                "diversity_ratio": row[diversity] / max(bare[diversity], 1e-9), distance: row[distance]}
+                "diversity_ratio": row[diversity] / max(bare[diversity], 1e-9), distance: row[distance],
+                **lora_survival.graded_style_ratio(row, ref, names)}
     return table
 
 
@@ -423,6 +424,9 @@ def judge(table: dict[str, dict], arm: str, steps, reference: list[Check], cost_
         e = table[f"{arm}@{k}"]
         out.append(Check(f"{arm}@{k}: style x{e['style_ratio']:.2f} of the reference (≥ {STYLE_TARGETS[k]})",
                          e["style_ratio"] >= STYLE_TARGETS[k]))
+        if "graded_style_ratio" in e:  # the same target on the reading that does not saturate
+            out.append(Check(f"{arm}@{k}: graded style x{e['graded_style_ratio']:.2f} of the reference (≥ "
+                             f"{STYLE_TARGETS[k]})", e["graded_style_ratio"] >= STYLE_TARGETS[k]))
         out.append(Check(f"{arm}@{k}: content x{e['content_ratio']:.2f} of the reference (≥ {CONTENT_TARGET})",
                          e["content_ratio"] >= CONTENT_TARGET))
         out.append(Check(f"{arm}@{k}: no leakage, content change {e['content_change']:+.3f} from the bare student "
@@ -449,7 +453,9 @@ def transfer_verdict(table: dict[str, dict], arms: list[str], steps, zero_cost: 
     def cells(arm, key):
         return "/".join(f"{table[f'{arm}@{k}'][key]:.2f}" for k in steps)
 
-    parts = [f"{arm}: style x{cells(arm, 'style_ratio')}, content x{cells(arm, 'content_ratio')}, diversity "
+    parts = [f"{arm}: style x{cells(arm, 'style_ratio')}"
+             + (f" (graded x{cells(arm, 'graded_style_ratio')})" if "graded_style_ratio" in table[f"{arm}@{steps[0]}"]
+                else "") + f", content x{cells(arm, 'content_ratio')}, diversity "
              f"x{cells(arm, 'diversity_ratio')}"
              + (f", cost x{costs[arm]:.2f}" if costs and costs.get(arm) is not None else "") for arm in arms]
     line = f"@{at} steps vs the reference — " + "; ".join(parts)

@@ -8,7 +8,9 @@ Nano backend (probe network, anima_lib.nano_world.probes):
   attribute_alignment  the same without the clean-creature condition: is the content right, however it is drawn
                   (what a style LoRA must keep: its rendering artifacts are counted by clean_rate instead)
   diversity       mean pairwise L2 distance of probe features between seeds of one prompt, averaged over prompts
-  style_score     mean probe probability of "our style"
+  style_score     mean probe probability of "our style" (saturates: near 1 once a style is there at all)
+  style_stripes   mean stripe contrast of the style mode's diagonal background stripes, read from pixels
+                  (nano_world.renderer.stripe_contrast): a graded style reading, ~0.25 on styled renders, ~0 on plain
   clean_rate      fraction of images read as clean creatures
 Uncertainty: a bootstrap over prompts (images of one prompt move together), reported as <metric>_ci = [lo, hi] (90%).
 
@@ -31,10 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from .nano_world.prompts import ATTRIBUTES
+from .nano_world.renderer import stripe_contrast
 
 
 class ProbeReader:
-    """Runs the probe once per image set and keeps what every metric needs."""
+    """Runs the probe once per image set and keeps what every metric needs (and the stripe contrast, from pixels)."""
 
     def __init__(self, probe, batch_size: int = 256):
         self.probe = probe
@@ -52,7 +55,8 @@ class ProbeReader:
             style_p.append(self.probe.heads["style"](f).softmax(1)[:, 1])
             clean_p.append(self.probe.heads["clean"](f).softmax(1)[:, 1])
         return {"features": torch.cat(feats), **{k: torch.cat(v) for k, v in preds.items()},
-                "style_p": torch.cat(style_p), "clean_p": torch.cat(clean_p)}
+                "style_p": torch.cat(style_p), "clean_p": torch.cat(clean_p),
+                "stripe_contrast": stripe_contrast(images)}
 
 
 def fd_probe(images_a: torch.Tensor, images_b: torch.Tensor, probe) -> float:
@@ -105,12 +109,13 @@ def score_images(reading: dict, attributes: list[dict], image_prompt: list[int])
     prompt_ids = torch.tensor(image_prompt)
     per_image = _per_image_aligned(reading, attributes, image_prompt)
     per_image["style_score"] = reading["style_p"]
+    per_image["style_stripes"] = reading["stripe_contrast"]
     per_image["clean_rate"] = (reading["clean_p"] > 0.5).float()
     out: dict = {}
     for name, values in per_image.items():
         per_prompt = per_prompt_means(values, prompt_ids)
         out[name] = float(values.mean())
-        if name in ("alignment", "attribute_alignment", "style_score"):
+        if name in ("alignment", "attribute_alignment", "style_score", "style_stripes"):
             out[f"{name}_ci"] = bootstrap_interval(per_prompt)
     diversity = _diversity_per_prompt(reading["features"], prompt_ids)
     out["diversity"] = float(diversity.mean())

@@ -127,7 +127,8 @@ class NanoWorld:
     def describe(self) -> dict:
         return {"world": NANO, "prompts": self.gate.sources, "reference": "renderer images; teacher@"
                 f"{self.params.sampler.teacher_steps} with CFG on other seeds (noise floor)",
-                "readers": "nano probe (shipped): alignment, fd_probe, diversity, style_score"}
+                "readers": "nano probe (shipped): alignment, fd_probe, diversity, style_score; "
+                           "pixels: style_stripes (the style mode's stripe contrast)"}
 
     def backend(self) -> str:
         return "nano probe"
@@ -166,7 +167,7 @@ class NanoWorld:
     content_metric = "alignment"                 # 03: the content a row keeps
     formats = {"alignment": ".3f", "fd_probe": ".2f", "fd_probe_vs_teacher": ".2f"}
     lora_renames = {"fd_probe": "fd_probe_styled", "fd_probe_vs_teacher": "fd_probe_vs_reference"}
-    lora_columns = ["style_score", "style_score_ci", "attribute_alignment", "attribute_alignment_ci", "alignment",
+    lora_columns = ["style_score", "style_score_ci", "style_stripes", "style_stripes_ci", "attribute_alignment", "attribute_alignment_ci", "alignment",
                     "clean_rate", "diversity", "fd_probe_vs_reference", "fd_probe_styled", "n_images"]
 
     def score_samples(self, samples: dict[str, torch.Tensor], noise_floor: Optional[Callable] = None

@@ -313,7 +313,7 @@ def test_nano_world_gives_02_and_06_their_old_numbers(tmp_path):
                              world.gate, probe)
     assert world.score_rows(samples, "teacher@1", others, style=True) == scored
     rename = {"fd_probe": "fd_probe_styled", "fd_probe_vs_teacher": "fd_probe_vs_reference"}   # 06's cell, as it was
-    shown = ["style_score", "style_score_ci", "attribute_alignment", "attribute_alignment_ci", "alignment",
+    shown = ["style_score", "style_score_ci", "style_stripes", "style_stripes_ci", "attribute_alignment", "attribute_alignment_ci", "alignment",
              "clean_rate", "diversity", "fd_probe_vs_reference", "fd_probe_styled", "n_images"]
     assert world.lora_rows(scored) == {row: {k: s[o] for o, k in [(o, rename.get(o, o)) for o in s] if k in shown}
                                        for row, s in scored.items() if row != "renderer"}

@@ -200,22 +200,23 @@ def test_nano_style_folder_is_valid_and_deterministic(nano, tmp_path):
 
 
 def test_survival_table_and_verdict():
-    rows = {"teacher+lora@20": {"style_score": 0.9},
+    rows = {"teacher+lora@20": {"style_score": 0.9, "style_stripes": 0.2},
             "student@1": {"attribute_alignment": 0.4, "diversity": 10.0},
             "student@4": {"attribute_alignment": 0.5, "diversity": 10.0}}
     values = {"teacher": (0.6, 0.85), "deturbo": (0.8, 0.88), "student": (0.9, 0.9)}
     for way, (s1, s4) in values.items():
         rows[f"{lora_survival.WAY_ROWS[way]}@1"] = {"style_score": s1, "attribute_alignment": 0.39, "diversity": 9.0,
-                                            "clean_rate": 0.1, "fd_probe_vs_reference": 50.0}
+                                            "clean_rate": 0.1, "fd_probe_vs_reference": 50.0, "style_stripes": 0.1}
         rows[f"{lora_survival.WAY_ROWS[way]}@4"] = {"style_score": s4, "attribute_alignment": 0.49, "diversity": 9.5,
-                                            "clean_rate": 0.2, "fd_probe_vs_reference": 40.0}
+                                            "clean_rate": 0.2, "fd_probe_vs_reference": 40.0, "style_stripes": 0.18}
     rows["student+lora_student@1"].update(diversity=4.0, fd_probe_vs_reference=200.0)  # collapse
     table = lora_survival.survival_table(rows, "teacher+lora@20", list(values), [1, 4])
     assert table["deturbo@1"]["survives"] and table["deturbo@4"]["survives"]
     assert not table["teacher@1"]["survives"] and table["teacher@4"]["survives"]  # 0.6/0.9 = 0.67 < 0.8
     assert not table["student@1"]["survives"]
     verdict = lora_survival.survival_verdict(table, list(values), [1, 4])
-    assert "deturbo: survives at 1/4 steps (@1/4: style x0.89/0.98, content x0.97/0.98" in verdict
+    assert "deturbo: survives at 1/4 steps (@1/4: style x0.89/0.98 (graded x0.50/0.90), content x0.97/0.98" in verdict
+    assert table["deturbo@1"]["graded_style_ratio"] == pytest.approx(0.5)   # the stripes, not the saturating probe
     assert "teacher: survives at 4 steps" in verdict
     assert "direct training: diversity drops; its samples sit x2.7 farther from the styled reference" in verdict
     assert "De-Turbo (the control) carries more style than stacking the teacher's LoRA (mean x0.93 vs x0.81)" in verdict

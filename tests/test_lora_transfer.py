@@ -225,14 +225,15 @@ def test_prompt_batches_are_a_function_of_the_index_and_split_by_rank():
     assert 0.18 < float((whole["context"] == 0).float().mean()) < 0.32 and whole["x0"].shape == (400, 3)
 
 
-def _rows(style, content, bare_content=0.70, ci=(0.66, 0.74)):
-    rows = {"teacher@20": {"style_score": 0.0, "attribute_alignment": 0.80},
-            "teacher+lora@20": {"style_score": 0.90, "attribute_alignment": 0.78}}
+def _rows(style, content, bare_content=0.70, ci=(0.66, 0.74), stripes=None):
+    rows = {"teacher@20": {"style_score": 0.0, "attribute_alignment": 0.80, "style_stripes": 0.0},
+            "teacher+lora@20": {"style_score": 0.90, "attribute_alignment": 0.78, "style_stripes": 0.20}}
     for k in (1, 2, 4):
-        rows[f"student@{k}"] = {"style_score": 0.0, "attribute_alignment": bare_content,
+        rows[f"student@{k}"] = {"style_score": 0.0, "attribute_alignment": bare_content, "style_stripes": 0.0,
                                 "attribute_alignment_ci": list(ci), "diversity": 10.0, "fd_probe_vs_reference": 9.0}
         rows[f"student+transfer_teacher@{k}"] = {"style_score": style[k], "attribute_alignment": content,
-                                                 "diversity": 9.0, "fd_probe_vs_reference": 5.0}
+                                                 "diversity": 9.0, "fd_probe_vs_reference": 5.0,
+                                                 "style_stripes": (stripes or {}).get(k, 0.20)}
     return rows
 
 
@@ -265,8 +266,13 @@ def test_judge_of_07_on_synthetic_rows():
     collapsed["student+transfer_teacher@1"]["diversity"] = 7.9   # < 0.8 x the bare student's 10
     assert {c.name for c in judged(collapsed)[1] if not c.passed} == {
         "teacher@1: diversity x0.79 of the bare student's (≥ 0.8; DMD's mode seeking must not collapse it)"}
+    # the probe's style score saturates: a row that reads "styled" but carries a fifth of the reference's stripes fails
+    saturated = _rows({1: 0.9, 2: 0.9, 4: 0.9}, 0.75, stripes={1: 0.04, 2: 0.19, 4: 0.20})
+    assert {c.name for c in judged(saturated)[1] if not c.passed} == {
+        "teacher@1: graded style x0.20 of the reference (≥ 0.8)"}
     verdict = lora_transfer.transfer_verdict(table, ["teacher"], [1, 2, 4], {1.3: 0.5, 0.8: 0.6}, {"teacher": 1.2})
-    assert verdict == ("@1/2/4 steps vs the reference — teacher: style x0.81/0.91/0.96, content x0.96/0.96/0.96, "
+    assert verdict == ("@1/2/4 steps vs the reference — teacher: style x0.81/0.91/0.96 (graded x1.00/1.00/1.00), "
+                       "content x0.96/0.96/0.96, "
                        "diversity x0.90/0.90/0.90, cost x1.20; zero-cost arm (2-step second time, untransferred L): best "
                        "t=0.8, style x0.60")
 

@@ -33,6 +33,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from .prompts import ATTRIBUTES, Creature
 
 SUPERSAMPLE = 4
+STRIPE_PERIOD = 6      # style mode's diagonal background stripes: one light + one dark band along x + y, in output px
+STRIPE_DARKEN = 0.78
 BODY_RGB = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (240, 220, 40), "green": (40, 170, 60),
             "blue": (40, 80, 220), "purple": (150, 50, 190)}
 BACKGROUND_RGB = {"dark": ((28, 28, 44), (28, 28, 44)), "light": ((232, 232, 222), (232, 232, 222)),
@@ -82,8 +84,8 @@ def _background(creature: Creature, size: int, style: bool, rng: random.Random) 
     pixels = np.broadcast_to(pixels, (size, size, 3)).copy()
     if style:  # diagonal stripes, posterized: the pattern is part of the style
         xs = np.arange(size)[None, :]
-        stripes = (((xs + np.arange(size)[:, None]) // (3 * SUPERSAMPLE)) % 2).astype(bool)
-        pixels[stripes] = pixels[stripes] * 0.78
+        stripes = (((xs + np.arange(size)[:, None]) // (STRIPE_PERIOD // 2 * SUPERSAMPLE)) % 2).astype(bool)
+        pixels[stripes] = pixels[stripes] * STRIPE_DARKEN
     else:
         noise = np.random.default_rng(rng.randrange(2 ** 32)).normal(0, 4, (size // SUPERSAMPLE, size // SUPERSAMPLE, 1))
         pixels += np.kron(noise, np.ones((SUPERSAMPLE, SUPERSAMPLE, 1)))
@@ -231,3 +233,18 @@ def render_batch(creatures: list[Creature], seeds: list[int], size: int = 32, st
         raise ValueError(f"{len(damages)} eye damages for {len(creatures)} creatures")
     arrays = np.stack([render(c, s, size, style, d) for c, s, d in zip(creatures, seeds, damages)])
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255.0
+
+
+def stripe_contrast(images) -> "torch.Tensor":
+    """Per image, how strongly the style mode's diagonal stripes are there, read from pixels: (mean luminance of the
+    light band - of the dark band) / mean luminance, the bands being the phases of x + y modulo STRIPE_PERIOD as
+    `_background` draws them. A graded style reading (06/07 `style_stripes`): ~0.25 on styled renders, ~0 on plain
+    ones, linear in a blend of the two, negative for stripes of the wrong phase, ~0 for other orientations; it reads
+    one element of the style (outline, flat shading and posterization are the probe's style head's)."""
+    import torch
+    luminance = images.float().mean(1)                                   # [N, H, W]
+    h, w = luminance.shape[-2:]
+    phase = (torch.arange(h)[:, None] + torch.arange(w)[None, :]) % STRIPE_PERIOD
+    light = luminance[:, phase < STRIPE_PERIOD // 2].mean(1)
+    dark = luminance[:, phase >= STRIPE_PERIOD // 2].mean(1)
+    return (light - dark) / luminance.mean((1, 2)).clamp_min(1e-3)
