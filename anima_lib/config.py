@@ -315,9 +315,10 @@ class QuantParams:
                                        "(exactly mlx.core.quantize), 'rerround' (codes re-chosen with the stored "
                                        "scale/bias), 'search' (clip search + least-squares refit), 'awq' (activation-"
                                        "aware: scales folded into to_v/to_out, activation-weighted fit) or 'gptq' "
-                                       "(error feedback through each layer's input Hessian); awq and gptq calibrate "
-                                       "on the student's own sampler inputs",
-                        allowed=("minmax", "rerround", "search", "awq", "gptq"))
+                                       "(error feedback through each layer's input Hessian) or 'awq_gptq' (awq's "
+                                       "scales folded, then gptq); the calibrated ones use the student's own "
+                                       "sampler inputs",
+                        allowed=("minmax", "rerround", "search", "awq", "gptq", "awq_gptq"))
     sensitivity_threshold: float = _spec(
         0.999, help="a layer whose single-layer output cosine at the default format is below this goes to 8 bits",
         check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]", bounds=(0, 1))

@@ -92,12 +92,13 @@ def test_awq_fold_is_exact_and_lowers_the_output_error():
     assert torch.allclose(folded(x), model(x), rtol=1e-4, atol=1e-5)       # the full-precision function is unchanged
     policy = {"bits": 4, "group_size": 32, "layers": {"to_v": "keep"}}
     errors = {}
-    for method in ("search", "awq"):
+    for method in ("search", "awq", "gptq", "awq_gptq"):
         q, _, _ = packed.quantize_model(copy.deepcopy(model), policy, method, torch.float32, grams)
         with torch.no_grad():
             errors[method] = float(((q(x) - model(x)) ** 2).mean())
     print(errors)
     assert errors["awq"] < 0.8 * errors["search"]
+    assert errors["awq_gptq"] < min(errors["awq"], errors["gptq"])   # error feedback on the folded weights: both gains
 
 
 def test_calibrated_methods_need_calibration():
@@ -110,7 +111,7 @@ def test_calibrated_methods_need_calibration():
         calibrated.collect_grams(model, lambda m: None, ["0"])
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq"])
+@pytest.mark.parametrize("method", ["awq", "gptq", "awq_gptq"])
 def test_calibrated_checkpoint_reads_back_and_matches_mlx(tmp_path, method):
     """A checkpoint written with a calibrated method is the same MLX layout: our reader loads it, and the real mlx's
     quantized_matmul on its tensors equals our dequantize-and-matmul."""

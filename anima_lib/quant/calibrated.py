@@ -13,6 +13,8 @@ error ΔW on those inputs is tr(ΔW H ΔWᵀ).
           the columns not yet quantized through H⁻¹ (Cholesky form), so later codes compensate earlier ones; a group's
           (scale, bias) is fitted (clip search) on its columns as updated when the group is reached, stored in the
           file's dtype, and the codes are chosen with the stored values.
+    awq_gptq  both: awq's scales folded first (the same exact transform), then every layer by gptq on the folded
+          weights and the Grams of the scaled inputs.
 """
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ import torch
 
 from . import mlx_affine
 
-METHODS = mlx_affine.METHODS + ("awq", "gptq")   # every way to choose codes and parameters; all write one format
-CALIBRATED = ("awq", "gptq")                     # ... of which these need each layer's calibration
+METHODS = mlx_affine.METHODS + ("awq", "gptq", "awq_gptq")   # every way to choose codes and parameters; one format
+CALIBRATED = ("awq", "gptq", "awq_gptq")                     # ... of which these need each layer's calibration
+FOLDING = ("awq", "awq_gptq")                                # ... of which these fold awq's scales in first
 AWQ_ALPHAS = tuple(i / 10 for i in range(11))   # the scale exponents tried per foldable layer (0 = no scaling)
 GPTQ_DAMP = 0.01                               # H + damp·mean(diag H)·I: keeps the Cholesky factor well defined
 GPTQ_BLOCK = 128                               # columns updated lazily per block (a multiple of every group size)
@@ -100,9 +103,10 @@ def collect_grams(model: torch.nn.Module, run: Callable[[torch.nn.Module], objec
 
 
 def full_statistics_for(model: torch.nn.Module, method: str, layers: Iterable[str]) -> list[str]:
-    """The layers whose full Σ x xᵀ `method` needs: every layer for gptq, the fold consumers for awq, none else."""
+    """The layers whose full Σ x xᵀ `method` needs: every layer for gptq (and awq_gptq), the fold consumers for awq,
+    none else."""
     layers = list(layers)
-    if method == "gptq":
+    if method in ("gptq", "awq_gptq"):
         return layers
     if method == "awq":
         consumers = {consumer for _, consumer in fold_pairs(model)}

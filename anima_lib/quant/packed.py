@@ -100,7 +100,7 @@ def quantize_model(model: torch.nn.Module, policy: dict, method: str = "rerround
                    calibration: Optional[dict[str, calibrated.Gram]] = None) -> tuple[torch.nn.Module, dict, dict]:
     """Replace the policy's Linears by QuantizedLinear in place; the rest of the model is cast to `dtype`.
     `calibration` ({layer: Gram} from calibrated.collect_grams on the unquantized model) is needed by awq and gptq;
-    awq first folds its activation-aware scales into the model (to_v rows / s, to_out columns × s)."""
+    awq (and awq_gptq) first folds its activation-aware scales into the model (to_v rows / s, to_out columns × s)."""
     chosen, kept = resolve_policy(model, policy)
     grams = dict(calibration or {})
     if method in calibrated.CALIBRATED:
@@ -108,7 +108,7 @@ def quantize_model(model: torch.nn.Module, policy: dict, method: str = "rerround
         if missing:
             raise ValueError(f"method {method!r} needs calibration inputs for every quantized layer; none for "
                              f"{missing[:5]}")
-        if method == "awq":
+        if method in calibrated.FOLDING:
             calibrated.fold_awq_scales(model, grams, chosen, dtype)
     for name, fmt in chosen.items():
         set_module(model, name, QuantizedLinear.from_linear(model.get_submodule(name), method=method, dtype=dtype,

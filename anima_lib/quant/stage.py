@@ -300,7 +300,7 @@ def run_quantize(params, components, student: torch.nn.Module, progress: Callabl
         full=every_linear if nano else calibrated.full_statistics_for(student, q.method, every_linear))
     progress("sensitivity")
     measured_on, measured_grams = student, calibration   # awq: measured where its scales are folded in
-    if q.method == "awq":
+    if q.method in calibrated.FOLDING:
         measured_on, measured_grams = calibrated.awq_folded(student, calibration,
                                                             packed.resolve_policy(student, base_policy)[0])
     sensitivity = quant_policy.layer_sensitivity(measured_on, inputs.run, fmt, q.method, measured_grams)
