@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from .nano_world.prompts import ATTRIBUTES
-from .nano_world.renderer import stripe_contrast
 
 
 class ProbeReader:
@@ -45,6 +44,7 @@ class ProbeReader:
 
     @torch.no_grad()
     def read(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        from .nano_world.renderer import stripe_contrast   # nano only: the real world never imports the renderer
         feats, preds, style_p, clean_p = [], {k: [] for k in ATTRIBUTES}, [], []
         for start in range(0, len(images), self.batch_size):
             batch = images[start:start + self.batch_size].float()
