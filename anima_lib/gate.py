@@ -73,6 +73,21 @@ def gate_set(params, n_prompts: Optional[int] = None, seeds_per_prompt: Optional
                    sources=[f"nano creature sampler (seed {params.run.seed + GATE_PROMPT_SEED_OFFSET})"])
 
 
+def prompt_subset(gate: GateSet, keep: list[int]) -> tuple[GateSet, torch.Tensor]:
+    """The gate set restricted to the prompts `keep` (indices into gate.prompts, renumbered in that order) and the
+    indices of their images in the full set's image order, e.g. 07's leakage on prompts the style data never had."""
+    if not keep:
+        raise ValueError("prompt_subset: keep names no prompt")
+    new_index = {old: new for new, old in enumerate(keep)}
+    images = [i for i, p in enumerate(gate.image_prompt) if p in new_index]
+    pick = lambda values: None if values is None else [values[i] for i in keep]
+    subset = dataclasses.replace(gate, prompts=pick(gate.prompts), attributes=pick(gate.attributes),
+                                 ids=pick(gate.ids), categories=pick(gate.categories),
+                                 image_prompt=[new_index[gate.image_prompt[i]] for i in images],
+                                 image_seed=[gate.image_seed[i] for i in images])
+    return subset, torch.tensor(images, dtype=torch.long)
+
+
 @dataclass(frozen=True)
 class EvalPrompt:
     id: str

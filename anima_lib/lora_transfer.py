@@ -391,30 +391,54 @@ def with_second_time(params, second_time: float):
 
 def transfer_table(rows: dict, reference_row: str, arms: dict[str, str], steps, names: dict) -> dict[str, dict]:
     """Per '<arm>@<k>' (arms: label -> row prefix, e.g. {"stacked": "student+lora_teacher", "teacher":
-    "student+transfer_teacher"}): style and content relative to the reference teacher+L@T; the content change from
-    the bare student@k and that row's noise floor (half its content CI over prompts: leakage); diversity relative to
-    student@k; the distance to the reference's other seeds."""
+    "student+transfer_teacher"}): style and content relative to the reference teacher+L@T; diversity relative to
+    student@k; the distance to the reference's other seeds. Leakage is leakage_table's (on unseen prompts only)."""
     style, content, diversity, distance = names["style"], names["content"], names["diversity"], names["distance"]
     ref = rows[reference_row]
     table = {}
     for arm, prefix in arms.items():
         for k in steps:
             row, bare = rows[f"{prefix}@{k}"], rows[f"student@{k}"]
-            low, high = bare[f"{content}_ci"]
             table[f"{arm}@{k}"] = {
                 "style_ratio": row[style] / max(ref[style], 1e-9), "content_ratio": row[content] / max(ref[content], 1e-9),
-                "content_change": row[content] - bare[content], "content_floor": (high - low) / 2,
                 "diversity_ratio": row[diversity] / max(bare[diversity], 1e-9), distance: row[distance],
                 **lora_survival.graded_style_ratio(row, ref, names)}
     return table
 
 
+def unseen_prompts(gate_prompts: list[str], captions: list[str]) -> list[int]:
+    """Indices of the gate prompts that are none of the style data's captions (the same prompt up to case, spacing
+    and punctuation counts as seen): leakage is read on these only."""
+    seen = {gate.normalized_prompt(c) for c in captions}
+    return [i for i, p in enumerate(gate_prompts) if gate.normalized_prompt(p) not in seen]
+
+
+def leakage_table(world, samples: dict, arms: dict[str, str], steps, names: dict, unseen: list[int]) -> dict[str, dict]:
+    """Per '<arm>@<k>': the content change of the arm's row from the bare student@k on the unseen gate prompts only
+    (world.on_prompts(unseen); samples: row -> images of the full gate set) and the noise floor, half the bare row's
+    content CI over those prompts. A style must not cost content on prompts it was never shown."""
+    if not unseen:
+        raise ValueError("leakage: every gate prompt is among the style data's captions; there is no unseen prompt "
+                         "to measure leakage on (use more gate.n_prompts or other style captions)")
+    content = names["content"]
+    unseen_world, images = world.on_prompts(unseen)
+    table = {}
+    for k in steps:
+        bare = unseen_world.score_set(samples[f"student@{k}"][images])
+        low, high = bare[f"{content}_ci"]
+        for arm, prefix in arms.items():
+            row = unseen_world.score_set(samples[f"{prefix}@{k}"][images])
+            table[f"{arm}@{k}"] = {"content_change": row[content] - bare[content], "content_floor": (high - low) / 2,
+                                   "prompts": len(unseen)}
+    return table
+
+
 def judge(table: dict[str, dict], arm: str, steps, reference: list[Check], cost_ratio: Optional[float],
-          generator_steps: dict[str, int], wanted_steps: int, leakage_prompts: tuple[int, int]) -> list[Check]:
+          generator_steps: dict[str, int], wanted_steps: int, leakage: dict[str, dict]) -> list[Check]:
     """07's checks on the transferred `arm` (the first source): style ≥ STYLE_TARGETS[k] × and content ≥ CONTENT_TARGET
     × teacher+L@T at every k; no leakage (content no lower than the bare student's beyond its noise floor: a style
-    must not cost content; a gain is no leak) and diversity ≥ lora_survival.DIVERSITY_TARGET × the bare student's, on
-    leakage_prompts = (prompts the style data never had, prompts scored)); cost ≤ COST_TARGET × training L; every
+    must not cost content; a gain is no leak; leakage: leakage_table's, on prompts the style data never had) and
+    diversity ≥ lora_survival.DIVERSITY_TARGET × the bare student's; cost ≤ COST_TARGET × training L; every
     transfer trained its generator steps; the reference checks (lora_survival.reference_checks)."""
     out = list(reference)
     trained = ", ".join(f"{a} {n}" for a, n in generator_steps.items())
@@ -429,15 +453,13 @@ def judge(table: dict[str, dict], arm: str, steps, reference: list[Check], cost_
                              f"{STYLE_TARGETS[k]})", e["graded_style_ratio"] >= STYLE_TARGETS[k]))
         out.append(Check(f"{arm}@{k}: content x{e['content_ratio']:.2f} of the reference (≥ {CONTENT_TARGET})",
                          e["content_ratio"] >= CONTENT_TARGET))
-        out.append(Check(f"{arm}@{k}: no leakage, content change {e['content_change']:+.3f} from the bare student "
-                         f"(a drop must stay within its noise floor {e['content_floor']:.3f})",
-                         e["content_change"] >= -e["content_floor"]))
+        leak = leakage[f"{arm}@{k}"]
+        out.append(Check(f"{arm}@{k}: no leakage, content change {leak['content_change']:+.3f} from the bare student "
+                         f"on {leak['prompts']} prompts the style data never had (a drop must stay within its noise "
+                         f"floor {leak['content_floor']:.3f})", leak["content_change"] >= -leak["content_floor"]))
         out.append(Check(f"{arm}@{k}: diversity x{e['diversity_ratio']:.2f} of the bare student's (≥ "
                          f"{lora_survival.DIVERSITY_TARGET}; DMD's mode seeking must not collapse it)",
                          e["diversity_ratio"] >= lora_survival.DIVERSITY_TARGET))
-    never, scored = leakage_prompts
-    out.append(Check(f"leakage is measured on prompts the style data never had ({never} of {scored} gate prompts)",
-                     never == scored))
     out.append(Check(f"transfer cost x{cost_ratio:.2f} of training L (≤ {COST_TARGET})" if cost_ratio is not None
                      else "transfer cost: the source LoRA records no training time", cost_ratio is not None
                      and cost_ratio <= COST_TARGET))

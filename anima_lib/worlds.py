@@ -138,6 +138,11 @@ class NanoWorld:
         preview; the parameters are this world's."""
         return NanoWorld(self.params, gate.gate_set(self.params, n_prompts, seeds_per_prompt), self.probe)
 
+    def on_prompts(self, keep: list[int]) -> tuple["NanoWorld", torch.Tensor]:
+        """This world on the gate prompts `keep` only, and the indices of their images (gate.prompt_subset)."""
+        subset, images = gate.prompt_subset(self.gate, keep)
+        return NanoWorld(self.params, subset, self.probe), images
+
     def keep(self, images: torch.Tensor) -> torch.Tensor:
         return images
 
@@ -343,6 +348,15 @@ class RealWorld:
         world = RealWorld(self.params, gate.gate_set(self.params, n_prompts, seeds_per_prompt), self.readers)
         world._style_embeddings = self._style_embeddings
         return world
+
+    def on_prompts(self, keep: list[int]) -> tuple["RealWorld", torch.Tensor]:
+        """This world on the gate prompts `keep` only, and the indices of their images (gate.prompt_subset)."""
+        subset, images = gate.prompt_subset(self.gate, keep)
+        world = RealWorld(self.params, subset, self.readers)
+        world._style_embeddings = self._style_embeddings
+        if self._text is not None:
+            world._text = self._text[torch.tensor(keep)]
+        return world, images
 
     def _text_embeddings(self) -> torch.Tensor:
         if self._text is None:
