@@ -311,7 +311,7 @@ class QuantParams:
     bits: int = _spec(4, help="MLX-affine bits of the DiT's default layers", allowed=(3, 4, 8), bounds=(3, 8))
     group_size: int = _spec(32, help="MLX-affine group size (consecutive input features sharing a scale and bias)",
                             allowed=(32, 64, 128), bounds=(32, 128))
-    method: str = _spec("awq", help="how codes and scales are chosen, all in the same MLX-affine file: 'minmax' "
+    method: str = _spec("awq_gptq", help="how codes and scales are chosen, all in the same MLX-affine file: 'minmax' "
                                        "(exactly mlx.core.quantize), 'rerround' (codes re-chosen with the stored "
                                        "scale/bias), 'search' (clip search + least-squares refit), 'awq' (activation-"
                                        "aware: scales folded into to_v/to_out, activation-weighted fit) or 'gptq' "
@@ -447,7 +447,7 @@ class LoraTransferParams:
                            bounds=(1, 512))
     ema_decay: float = _spec(0.95, help="EMA of L' (what is saved)",
                              check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)", bounds=(0, 1))
-    max_rollout: int = _spec(2, help="generator rollouts of 1..N steps at the student sampler's times (gradient "
+    max_rollout: int = _spec(4, help="generator rollouts of 1..N steps at the student sampler's times (gradient "
                                      "through the last step only)", check=_positive, bounds=(1, 4))
     caption_dropout: float = _spec(0.1, help="fraction of prompts replaced by the negative prompt (keeps the "
                                              "unconditional branch styled, so CFG stays meaningful)",

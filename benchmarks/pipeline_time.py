@@ -6,7 +6,8 @@ manifest (outputs/<run>/lora/**/manifest.json: wall_s, steps). The rest of a not
     .venv/bin/python benchmarks/pipeline_time.py nano            # the latest report of run "nano"
     .venv/bin/python benchmarks/pipeline_time.py nano --root /path/to/checkout
 
-A loop resumed across invocations reports the wall time its checkpoint recorded (the sum of its invocations).
+A loop resumed across invocations reports the wall time its checkpoint recorded (the sum of its invocations). The
+"training loops" total counts time when loops ran side by side once (the union of their intervals).
 """
 import argparse
 import json
@@ -32,7 +33,8 @@ def distill_loops(run_dir: Path) -> dict[str, dict]:
             for record in records:
                 kinds[record.get("kind", "step")] = kinds.get(record.get("kind", "step"), 0) + 1
             steps = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-            loops[f"02 distill {log.parent.name}"] = {"wall_s": records[-1]["wall_s"], "steps": steps}
+            loops[f"02 distill {log.parent.name}"] = {"wall_s": records[-1]["wall_s"], "steps": steps,
+                                                      "end": log.stat().st_mtime}
     return loops
 
 
@@ -43,8 +45,20 @@ def adapter_loops(run_dir: Path) -> dict[str, dict]:
         if "wall_s" in record:
             name = str(manifest.parent.relative_to(run_dir / "lora"))
             stage = "03 deturbo" if name.startswith("deturbo") else "06 lora" if name.startswith("style") else "07 transfer"
-            loops[f"{stage} {name}"] = {"wall_s": record["wall_s"], "steps": f"{record.get('steps', '?')} steps"}
+            loops[f"{stage} {name}"] = {"wall_s": record["wall_s"], "steps": f"{record.get('steps', record.get('generator_steps', '?'))} steps",
+                                        "end": manifest.stat().st_mtime}
     return loops
+
+
+def covered(intervals: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of (start, end) intervals: loops that ran side by side (run.jobs) count once. A
+    loop's end is its manifest's (or log's) modification time, its start that minus its wall time."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def main():
@@ -65,7 +79,7 @@ def main():
     print(f"\n{'training loop':<52}{'min':>7}{'share':>8}  steps")
     for name, loop in sorted(loops.items()):
         print(f"{name:<52}{loop['wall_s'] / 60:>7.1f}{loop['wall_s'] / max(total, 1e-9):>8.0%}  {loop['steps']}")
-    trained = sum(loop["wall_s"] for loop in loops.values())
+    trained = covered([(loop["end"] - loop["wall_s"], loop["end"]) for loop in loops.values()])
     print(f"\ntraining loops {trained / 60:.1f} min ({trained / max(total, 1e-9):.0%}); the rest "
           f"{(total - trained) / 60:.1f} min is sampling, scoring, loading and kernel start")
 
