@@ -413,10 +413,13 @@ def unseen_prompts(gate_prompts: list[str], captions: list[str]) -> list[int]:
     return [i for i, p in enumerate(gate_prompts) if gate.normalized_prompt(p) not in seen]
 
 
-def leakage_table(world, samples: dict, arms: dict[str, str], steps, names: dict, unseen: list[int]) -> dict[str, dict]:
+def leakage_table(world, samples: dict, arms: dict[str, str], steps, names: dict, unseen: list[int],
+                  source: Optional[tuple[str, str]] = None) -> dict[str, dict]:
     """Per '<arm>@<k>': the content change of the arm's row from the bare student@k on the unseen gate prompts only
     (world.on_prompts(unseen); samples: row -> images of the full gate set) and the noise floor, half the bare row's
-    content CI over those prompts. A style must not cost content on prompts it was never shown."""
+    content CI over those prompts. A style must not cost content on prompts it was never shown.
+    source = (reference row, bare teacher row), e.g. ("teacher+lora@20", "teacher@20"): one more entry, what L itself
+    costs the teacher there — the content change a transfer that matches teacher+L inherits."""
     if not unseen:
         raise ValueError("leakage: every gate prompt is among the style data's captions; there is no unseen prompt "
                          "to measure leakage on (use more gate.n_prompts or other style captions)")
@@ -430,6 +433,11 @@ def leakage_table(world, samples: dict, arms: dict[str, str], steps, names: dict
             row = unseen_world.score_set(samples[f"{prefix}@{k}"][images])
             table[f"{arm}@{k}"] = {"content_change": row[content] - bare[content], "content_floor": (high - low) / 2,
                                    "prompts": len(unseen)}
+    if source is not None:
+        styled, bare = (unseen_world.score_set(samples[row][images]) for row in source)
+        low, high = bare[f"{content}_ci"]
+        table[f"{source[0]} vs {source[1]}"] = {"content_change": styled[content] - bare[content],
+                                                "content_floor": (high - low) / 2, "prompts": len(unseen)}
     return table
 
 

@@ -299,10 +299,13 @@ def test_leakage_is_read_on_the_unseen_prompts_only():
                 out[i] = wrong[i]
         return out
 
-    samples = {"student@1": renders, "student+seen_only@1": damaged({0, 1}), "student+unseen@1": damaged({2, 3, 4})}
+    samples = {"student@1": renders, "student+seen_only@1": damaged({0, 1}), "student+unseen@1": damaged({2, 3, 4}),
+               "teacher@20": renders, "teacher+lora@20": damaged({5})}
     arms = {"seen_only": "student+seen_only", "unseen": "student+unseen"}
     names = lora_survival.SURVIVAL_METRICS["nano"]
-    leakage = lora_transfer.leakage_table(world, samples, arms, [1], names, unseen)
+    leakage = lora_transfer.leakage_table(world, samples, arms, [1], names, unseen, ("teacher+lora@20", "teacher@20"))
+    inherited = leakage["teacher+lora@20 vs teacher@20"]["content_change"]   # what L costs the teacher: one prompt
+    assert leakage["unseen@1"]["content_change"] < inherited < 0
     assert leakage["seen_only@1"]["content_change"] == pytest.approx(0.0, abs=1e-9)
     assert leakage["unseen@1"]["content_change"] < min(-leakage["unseen@1"]["content_floor"], -0.05)
     assert leakage["unseen@1"]["prompts"] == len(prompts) - 2
