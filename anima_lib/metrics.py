@@ -104,6 +104,17 @@ def bootstrap_interval(per_prompt: torch.Tensor, n_boot: int = 1000, seed: int =
     return [float(means.quantile(0.05)), float(means.quantile(0.95))]
 
 
+def paired_difference(values: torch.Tensor, other: torch.Tensor, image_prompt: list[int]) -> dict:
+    """Mean of values - other over images drawn with the same prompt and noise, and its 90% bootstrap interval over
+    prompts (a paired comparison: far tighter than the two rows' own intervals, which share most of their noise)."""
+    if values.shape != other.shape or len(values) != len(image_prompt):
+        raise ValueError(f"paired_difference: {tuple(values.shape)} and {tuple(other.shape)} values for "
+                         f"{len(image_prompt)} images; both rows must hold one value per gate image")
+    difference = values.double() - other.double()
+    return {"difference": float(difference.mean()),
+            "ci": bootstrap_interval(per_prompt_means(difference, torch.tensor(image_prompt)))}
+
+
 def score_images(reading: dict, attributes: list[dict], image_prompt: list[int]) -> dict:
     """Alignment, per-attribute alignment, diversity, style score, clean rate, with bootstrap CIs over prompts."""
     prompt_ids = torch.tensor(image_prompt)

@@ -78,3 +78,26 @@ def test_corrupt_probe_is_detected(tmp_path):
     (copy / "probe.safetensors").write_bytes(b"not weights")
     with pytest.raises(io.WeightsError, match="sha256 does not match"):
         probes.load_probe(copy)
+
+
+def test_paired_difference_sees_a_small_shift_that_two_rows_intervals_cannot():
+    """Two rows read on the same prompts and noise share most of their variation: a 0.05 shift hides inside each row's
+    own interval but the paired interval excludes zero; the same rows without a shift give an interval around 0."""
+    generator = torch.Generator().manual_seed(0)
+    image_prompt = [p for p in range(128) for _ in range(4)]
+    prompt_difficulty = torch.rand(128, generator=generator)[image_prompt]
+    shared = torch.rand(512, generator=generator)
+    base = (shared < prompt_difficulty).float()
+    better = base.clone()
+    flip = torch.nonzero(base == 0).flatten()[:26]   # ~0.05 of the images turn right
+    better[flip] = 1.0
+    prompts = torch.tensor(image_prompt)
+    own = metrics.bootstrap_interval(metrics.per_prompt_means(base, prompts))
+    assert own[1] - own[0] > 0.05                               # one row's own interval is wider than the shift
+    shifted = metrics.paired_difference(better, base, image_prompt)
+    assert shifted["difference"] == pytest.approx(26 / 512)
+    assert 0 < shifted["ci"][0] < shifted["difference"] < shifted["ci"][1]
+    same = metrics.paired_difference(base, base.clone(), image_prompt)
+    assert same["difference"] == 0 and same["ci"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="one value per gate image"):
+        metrics.paired_difference(base[:10], base[:10], image_prompt)
