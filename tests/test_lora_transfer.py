@@ -329,3 +329,16 @@ def test_the_cli_refuses_a_student_lora_before_loading_any_model(nano, tmp_path,
     assert "already a student LoRA" in capsys.readouterr().err
     assert cli.main(["lora", "transfer", "smoke", "--lora", str(tmp_path / "none.safetensors")]) == 1
     assert "no such LoRA file" in capsys.readouterr().err
+
+
+def test_a_real_world_on_some_prompts_keeps_its_readers_and_their_cached_embeddings():
+    """07's leakage on a real preset: the subset world reads the same style embeddings and the kept prompts' text
+    embeddings (rows of the cached ones, nothing re-read)."""
+    full = gate.GateSet(prompts=["a", "b", "c"], attributes=None, image_prompt=[0, 0, 1, 1, 2, 2],
+                        image_seed=[0, 1, 0, 1, 0, 1], ids=["p0", "p1", "p2"], categories=["x", "y", "x"])
+    world = worlds.RealWorld(config.load_config("smoke"), full, readers=None)
+    world._text, world._style_embeddings = torch.arange(3.0)[:, None], torch.ones(2, 1)
+    subset, images = world.on_prompts([2, 0])
+    assert subset.gate.prompts == ["c", "a"] and subset.gate.ids == ["p2", "p0"] and subset.gate.categories == ["x", "x"]
+    assert images.tolist() == [0, 1, 4, 5] and subset.gate.image_prompt == [1, 1, 0, 0]
+    assert subset._text.flatten().tolist() == [2.0, 0.0] and subset._style_embeddings is world._style_embeddings
