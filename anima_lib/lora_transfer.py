@@ -425,19 +425,19 @@ def leakage_table(world, samples: dict, arms: dict[str, str], steps, names: dict
                          "to measure leakage on (use more gate.n_prompts or other style captions)")
     content = names["content"]
     unseen_world, images = world.on_prompts(unseen)
-    table = {}
-    for k in steps:
-        bare = unseen_world.score_set(samples[f"student@{k}"][images])
-        low, high = bare[f"{content}_ci"]
-        for arm, prefix in arms.items():
-            row = unseen_world.score_set(samples[f"{prefix}@{k}"][images])
-            table[f"{arm}@{k}"] = {"content_change": row[content] - bare[content], "content_floor": (high - low) / 2,
-                                   "prompts": len(unseen)}
+    scored = {}
+
+    def change(row: str, bare_row: str) -> dict:
+        for r in (row, bare_row):
+            if r not in scored:
+                scored[r] = unseen_world.score_set(samples[r][images])
+        low, high = scored[bare_row][f"{content}_ci"]
+        return {"content_change": scored[row][content] - scored[bare_row][content], "content_floor": (high - low) / 2,
+                "prompts": len(unseen)}
+
+    table = {f"{arm}@{k}": change(f"{prefix}@{k}", f"student@{k}") for k in steps for arm, prefix in arms.items()}
     if source is not None:
-        styled, bare = (unseen_world.score_set(samples[row][images]) for row in source)
-        low, high = bare[f"{content}_ci"]
-        table[f"{source[0]} vs {source[1]}"] = {"content_change": styled[content] - bare[content],
-                                                "content_floor": (high - low) / 2, "prompts": len(unseen)}
+        table[f"{source[0]} vs {source[1]}"] = change(*source)
     return table
 
 
