@@ -104,6 +104,11 @@ def bootstrap_interval(per_prompt: torch.Tensor, n_boot: int = 1000, seed: int =
     return [float(means.quantile(0.05)), float(means.quantile(0.95))]
 
 
+def prompt_interval(per_image: torch.Tensor, image_prompt: list[int]) -> list[float]:
+    """90% bootstrap interval of a per-image value's mean, resampling prompts (images of one prompt move together)."""
+    return bootstrap_interval(per_prompt_means(per_image, torch.tensor(image_prompt)))
+
+
 def paired_difference(values: torch.Tensor, other: torch.Tensor, image_prompt: list[int]) -> dict:
     """Mean of values - other over images drawn with the same prompt and noise, and its 90% bootstrap interval over
     prompts (paired: tighter than the rows' own intervals as far as the rows share their noise — ±0.02 for q4 vs fp
@@ -112,8 +117,7 @@ def paired_difference(values: torch.Tensor, other: torch.Tensor, image_prompt: l
         raise ValueError(f"paired_difference: {tuple(values.shape)} and {tuple(other.shape)} values for "
                          f"{len(image_prompt)} images; both rows must hold one value per gate image")
     difference = values.double() - other.double()
-    return {"difference": float(difference.mean()),
-            "ci": bootstrap_interval(per_prompt_means(difference, torch.tensor(image_prompt)))}
+    return {"difference": float(difference.mean()), "ci": prompt_interval(difference, image_prompt)}
 
 
 def score_images(reading: dict, attributes: list[dict], image_prompt: list[int]) -> dict:

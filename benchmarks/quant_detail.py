@@ -121,7 +121,8 @@ def main():
             probe_scores = metrics.score_images(probe.read(images), gate_set.attributes, gate_set.image_prompt)
             out = {"probe alignment": probe_scores["alignment"]}
             for key, values in per_image[row].items():
-                drop, interval = detail_reader.paired_difference(per_image["fp"][key], values, gate_set.image_prompt)
+                paired = metrics.paired_difference(per_image["fp"][key], values, gate_set.image_prompt)
+                drop, interval = paired["difference"], paired["ci"]
                 out[key] = float(values.mean())
                 out[f"{key} drop vs fp [90% CI]"] = [round(drop, 4), [round(v, 4) for v in interval]]
             out["eyes confusion (prompted 1/2/3 x read 1/2/3/other)"] = detail_reader.confusion_matrices(

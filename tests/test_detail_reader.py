@@ -175,7 +175,8 @@ def test_strict_reading_ranks_teacher_over_student_over_quantized(reader, old_re
         print(f"{row:>13} {old:15.3f} {old_eyes:8.3f} {strict:16.3f} [{ci[0]:.3f}, {ci[1]:.3f}] {eyes:11.3f} "
               f"{damaged:7.2f}")
     for better, worse in (("teacher@20", "student@1"), ("student@1", "student_q4@1")):
-        gap, ci = dr.paired_difference(per_image[better], per_image[worse], image_prompt)
+        paired = metrics.paired_difference(per_image[better], per_image[worse], image_prompt)
+        gap, ci = paired["difference"], paired["ci"]
         print(f"{better} - {worse}: {gap:.3f} (paired 90% CI [{ci[0]:.3f}, {ci[1]:.3f}])")
         assert ci[0] > 0, (better, worse, gap, ci)
 

@@ -54,6 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..metrics import prompt_interval
 from ..io import NonFiniteWeightsError, WeightsError, atomic_write_bytes, atomic_write_json, load_finite, sha256_file
 from .probes import blur  # the probe's Gaussian blur (also used to build test sets)
 from .prompts import ATTRIBUTES, Creature
@@ -155,27 +156,6 @@ def per_image_strict(reading: DetailReading, attributes: list[dict],
     return out
 
 
-def _per_prompt_means(values: torch.Tensor, image_prompt: list[int]) -> torch.Tensor:
-    ids = torch.tensor(image_prompt)
-    return torch.stack([values[ids == p].mean() for p in ids.unique()])
-
-
-def bootstrap_ci(values: torch.Tensor, image_prompt: list[int], n_boot: int = 1000, seed: int = 0) -> list[float]:
-    """90% bootstrap interval of the mean over prompts (images of one prompt move together), as metrics does."""
-    per_prompt = _per_prompt_means(values.float(), image_prompt)
-    generator = torch.Generator().manual_seed(seed)
-    means = per_prompt[torch.randint(len(per_prompt), (n_boot, len(per_prompt)), generator=generator)].mean(1)
-    return [float(means.quantile(0.05)), float(means.quantile(0.95))]
-
-
-def paired_difference(values_a: torch.Tensor, values_b: torch.Tensor, image_prompt: list[int], n_boot: int = 2000,
-                      seed: int = 0) -> tuple[float, list[float]]:
-    """mean(a) - mean(b) for two image sets of the same prompts and seeds, with a paired 90% bootstrap interval over
-    prompts: b is worse than a beyond sampling noise when the interval's low end is above 0."""
-    return float(values_a.float().mean() - values_b.float().mean()), bootstrap_ci(values_a.float() - values_b.float(),
-                                                                                   image_prompt, n_boot, seed)
-
-
 def calibration_curves(reading: DetailReading, attributes: list[dict], image_prompt: list[int],
                        n_bins: int = 10) -> dict[str, dict]:
     """Reliability data per attribute: equal-width confidence bins with count, mean confidence and accuracy (read ==
@@ -219,8 +199,8 @@ def detail_scores(reading: DetailReading, attributes: list[dict], image_prompt: 
     per_image = per_image_strict(reading, attributes, image_prompt)
     calibration = calibration_curves(reading, attributes, image_prompt)
     out: dict = {"strict_alignment": float(per_image["strict_aligned"].mean()),
-                 "strict_alignment_ci": bootstrap_ci(per_image["strict_aligned"], image_prompt),
-                 "strict_confident_eyes_ci": bootstrap_ci(per_image["confident_eyes"], image_prompt)}
+                 "strict_alignment_ci": prompt_interval(per_image["strict_aligned"], image_prompt),
+                 "strict_confident_eyes_ci": prompt_interval(per_image["confident_eyes"], image_prompt)}
     for name in NAMES:
         out[f"strict_accuracy_{name}"] = float(per_image[f"right_{name}"].mean())
         out[f"strict_confident_{name}"] = float(per_image[f"confident_{name}"].mean())

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import gate, parity_fixtures, sampler, text
+from .. import gate, metrics, parity_fixtures, sampler, text
 from ..checks import Check
 from ..networks import transformer_velocity
 from . import calibrated, ledger, load_memory, mlx_affine, packed, policy as quant_policy, q8_0
@@ -194,8 +194,7 @@ def eyes_score(params, components, n_prompts: int = DETAIL_PROMPTS,
 def drop_lower_bounds(per_image_drops: dict[str, torch.Tensor]) -> dict[str, float]:
     """{unit: the low end of the 90% bootstrap interval of its mean per-image drop}: a role goes to 8 bits only when
     its drop is there beyond sampling noise (on 32 images the role ranking of two held-out sets disagreed)."""
-    from ..nano_world import detail_reader
-    return {unit: detail_reader.bootstrap_ci(d, list(range(len(d))))[0] for unit, d in per_image_drops.items()}
+    return {unit: metrics.prompt_interval(d, list(range(len(d))))[0] for unit, d in per_image_drops.items()}
 
 
 def fidelity(student: torch.nn.Module, inputs: StudentInputs, options: dict[str, Callable[[], torch.nn.Module]],
