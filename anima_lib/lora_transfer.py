@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import distill, flow, gate, lora, lora_survival, models, report, sampler, text, worlds
+from . import distill, flow, gate, lora, lora_survival, metrics, models, report, sampler, text, worlds
 from .distill import deturbo
 from .cache import cache_records, nano_prompts
 from .checks import Check
@@ -416,8 +416,10 @@ def unseen_prompts(gate_prompts: list[str], captions: list[str]) -> list[int]:
 def leakage_table(world, samples: dict, arms: dict[str, str], steps, names: dict, unseen: list[int],
                   source: Optional[tuple[str, str]] = None) -> dict[str, dict]:
     """Per '<arm>@<k>': the content change of the arm's row from the bare student@k on the unseen gate prompts only
-    (world.on_prompts(unseen); samples: row -> images of the full gate set) and the noise floor, half the bare row's
-    content CI over those prompts. A style must not cost content on prompts it was never shown.
+    (world.on_prompts(unseen); samples: row -> images of the full gate set), the noise floor (half the bare row's
+    content CI over those prompts: the check) and the paired 90% interval of the change (same prompt and noise per
+    image: whether the change is there beyond sampling noise at all). A style must not cost content on prompts it
+    was never shown.
     source = (reference row, bare teacher row), e.g. ("teacher+lora@20", "teacher@20"): one more entry, what L itself
     costs the teacher there — the content change a transfer that matches teacher+L inherits."""
     if not unseen:
@@ -425,15 +427,18 @@ def leakage_table(world, samples: dict, arms: dict[str, str], steps, names: dict
                          "to measure leakage on (use more gate.n_prompts or other style captions)")
     content = names["content"]
     unseen_world, images = world.on_prompts(unseen)
-    scored = {}
+    scored, per_image = {}, {}
 
     def change(row: str, bare_row: str) -> dict:
         for r in (row, bare_row):
             if r not in scored:
-                scored[r] = unseen_world.score_set(samples[r][images])
+                per_image[r] = {}
+                scored[r] = unseen_world.score_set(samples[r][images], per_image=per_image[r])
         low, high = scored[bare_row][f"{content}_ci"]
+        paired = metrics.paired_difference(per_image[row][content], per_image[bare_row][content],
+                                           unseen_world.gate.image_prompt)
         return {"content_change": scored[row][content] - scored[bare_row][content], "content_floor": (high - low) / 2,
-                "prompts": len(unseen)}
+                "paired_ci": [round(v, 4) for v in paired["ci"]], "prompts": len(unseen)}
 
     table = {f"{arm}@{k}": change(f"{prefix}@{k}", f"student@{k}") for k in steps for arm, prefix in arms.items()}
     if source is not None:

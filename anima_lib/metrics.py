@@ -120,8 +120,10 @@ def paired_difference(values: torch.Tensor, other: torch.Tensor, image_prompt: l
     return {"difference": float(difference.mean()), "ci": prompt_interval(difference, image_prompt)}
 
 
-def score_images(reading: dict, attributes: list[dict], image_prompt: list[int]) -> dict:
-    """Alignment, per-attribute alignment, diversity, style score, clean rate, with bootstrap CIs over prompts."""
+def score_images(reading: dict, attributes: list[dict], image_prompt: list[int],
+                 per_image_out: Optional[dict] = None) -> dict:
+    """Alignment, per-attribute alignment, diversity, style score, clean rate, with bootstrap CIs over prompts.
+    per_image_out (a dict) receives the per-image values behind the means (for paired differences)."""
     prompt_ids = torch.tensor(image_prompt)
     per_image = _per_image_aligned(reading, attributes, image_prompt)
     per_image["style_score"] = reading["style_p"]
@@ -137,6 +139,8 @@ def score_images(reading: dict, attributes: list[dict], image_prompt: list[int])
     out["diversity"] = float(diversity.mean())
     out["diversity_ci"] = bootstrap_interval(diversity)
     out["n_images"] = len(image_prompt)
+    if per_image_out is not None:
+        per_image_out.update(per_image)
     return out
 
 

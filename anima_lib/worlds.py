@@ -197,10 +197,11 @@ class NanoWorld:
                 f"{row} alignment above {other_label} ({a['alignment']:.3f} vs {b['alignment']:.3f})":
                     a["alignment"] > b["alignment"]}
 
-    def score_set(self, images: torch.Tensor, style: bool = False) -> dict:
-        """One image set on its own (no reference): 06's strength sweep (style_score, attribute_alignment, ...)."""
+    def score_set(self, images: torch.Tensor, style: bool = False, per_image: Optional[dict] = None) -> dict:
+        """One image set on its own (no reference): 06's strength sweep (style_score, attribute_alignment, ...).
+        per_image (a dict) receives the per-image values behind the means, e.g. "attribute_alignment"."""
         return metrics.score_images(metrics.ProbeReader(self.probe).read(images), self.gate.attributes,
-                                    self.gate.image_prompt)
+                                    self.gate.image_prompt, per_image)
 
     def lora_rows(self, scored: dict[str, dict]) -> dict[str, dict]:
         """06's table from score_rows(..., style=True): distances renamed to what they are measured against."""
@@ -363,14 +364,16 @@ class RealWorld:
             self._text = self.readers.clip_text(self.gate.prompts)
         return self._text
 
-    def score_set(self, images: torch.Tensor, style: bool = False) -> dict:
+    def score_set(self, images: torch.Tensor, style: bool = False, per_image: Optional[dict] = None) -> dict:
         """One image set on its own (no reference samples): clip_score (+ CI, per category), diversity_clip (+ CI),
-        style_clip (+ CI, with `style`), n_images."""
+        style_clip (+ CI, with `style`), n_images. per_image (a dict) receives the per-image "clip_score"."""
         prompt_ids = torch.tensor(self.gate.image_prompt)
         text = self._text_embeddings()[prompt_ids]
         embeddings = self.readers.clip_image(images)
         scores: dict = {}
         clip = metrics.clip_score_per_image(embeddings, text)
+        if per_image is not None:
+            per_image["clip_score"] = clip
         scores["clip_score"] = float(clip.mean())
         scores["clip_score_ci"] = metrics.bootstrap_interval(metrics.per_prompt_means(clip, prompt_ids))
         categories = self.gate.categories or []

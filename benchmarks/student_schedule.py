@@ -69,12 +69,14 @@ def main():
         student = TimeSplitDiT(student, late, flow.trig_to_rf_time(args.late_below))
     reader = metrics.ProbeReader(load_probe())
     strict = detail_reader.load_detail_reader()  # the gate's detail-strict reading (eyes confident and right)
-    rows = {}
+    rows, strict_per_image = {}, {}   # row -> per-image detail-strict 0/1, for the paired differences
 
-    def score(images, eval_set) -> dict:
+    def score(images, eval_set, row: str) -> dict:
         scores = metrics.score_images(reader.read(images), eval_set.attributes, eval_set.image_prompt)
-        scores.update(detail_reader.score_details(strict, metrics.as_float(images), eval_set.attributes,
-                                                  eval_set.image_prompt)["scores"])
+        details = detail_reader.score_details(strict, metrics.as_float(images), eval_set.attributes,
+                                              eval_set.image_prompt)
+        scores.update(details["scores"])
+        strict_per_image[row] = torch.tensor(details["per_image"]["strict_aligned"])
         return {"alignment": scores["alignment"], "alignment_ci": scores["alignment_ci"],
                 "strict_alignment": scores["strict_alignment"], "strict_eyes": scores["strict_accuracy_eyes"],
                 "eyes": scores["alignment_eyes"], "shape": scores["alignment_shape"],
@@ -85,7 +87,8 @@ def main():
         eval_set = gate.gate_set(eval_params)
         t0 = time.perf_counter()
         images = gate.sample_teacher(components, eval_params, eval_set, params.sampler.teacher_steps)
-        rows[f"teacher@{params.sampler.teacher_steps}"] = {**score(images, eval_set), "s": time.perf_counter() - t0}
+        rows[f"teacher@{params.sampler.teacher_steps}"] = {**score(images, eval_set, f"teacher@{params.sampler.teacher_steps}"),
+                                                           "s": time.perf_counter() - t0}
     for schedule in args.schedule:
         # load_config validates the schedule (decreasing, inside (0, pi/2)) before any sampling
         eval_params = config.load_config(args.preset, args.overrides + [
@@ -97,7 +100,8 @@ def main():
             t0 = time.perf_counter()
             images = gate.sample_student(student, components, eval_params, eval_set, steps,
                                          precision=params.cache.precision)
-            rows[f"[{schedule}] @{steps}"] = {**score(images, eval_set), "s": time.perf_counter() - t0}
+            rows[f"[{schedule}] @{steps}"] = {**score(images, eval_set, f"[{schedule}] @{steps}"),
+                                              "s": time.perf_counter() - t0}
             scores = rows[f"[{schedule}] @{steps}"]
             print(f"{schedule} @{steps}: alignment {scores['alignment']:.3f}, strict {scores['strict_alignment']:.3f}",
                   flush=True)
@@ -106,6 +110,25 @@ def main():
           f"(gate uses run.seed {params.run.seed}), {params.gate.n_prompts} prompts × "
           f"{params.gate.seeds_per_prompt} seeds")
     print(report.markdown_table(rows))
+    print("\n" + report.markdown_table(paired_rows(strict_per_image, eval_set.image_prompt,
+                                                    f"teacher@{params.sampler.teacher_steps}", args.schedule[0])))
+
+
+def paired_rows(strict_per_image: dict, image_prompt: list[int], teacher_row: str, one_step_schedule: str) -> dict:
+    """Issue 20's targets as paired differences of detail-strict alignment (same prompt and noise per image, 90%
+    bootstrap over prompts): every student row minus the teacher (bar: -0.03 x teacher) and minus the 1-step row."""
+    one_step = f"[{one_step_schedule}] @1"
+    out = {}
+    for row, values in strict_per_image.items():
+        for other in (teacher_row, one_step):
+            if row != other and other in strict_per_image and row != teacher_row:
+                paired = metrics.paired_difference(values, strict_per_image[other], image_prompt)
+                out[f"{row} − {other}"] = {"difference": paired["difference"], "ci_low": paired["ci"][0],
+                                           "ci_high": paired["ci"][1]}
+    if teacher_row in strict_per_image:
+        out = {"bar (-0.03 x teacher, for rows minus the teacher)": {
+            "difference": -0.03 * float(strict_per_image[teacher_row].float().mean())}} | out
+    return out
 
 
 if __name__ == "__main__":

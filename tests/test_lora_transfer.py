@@ -309,6 +309,8 @@ def test_leakage_is_read_on_the_unseen_prompts_only():
     assert leakage["seen_only@1"]["content_change"] == pytest.approx(0.0, abs=1e-9)
     assert leakage["unseen@1"]["content_change"] < min(-leakage["unseen@1"]["content_floor"], -0.05)
     assert leakage["unseen@1"]["prompts"] == len(prompts) - 2
+    assert leakage["unseen@1"]["paired_ci"][1] < 0            # the paired interval sees the wreck: 3 prompts of all
+    assert leakage["seen_only@1"]["paired_ci"] == [0.0, 0.0]  # identical images on every unseen prompt
     with pytest.raises(ValueError, match="no unseen prompt"):
         lora_transfer.leakage_table(world, samples, arms, [1], names, [])
 
