@@ -454,6 +454,9 @@ def judge(table: dict[str, dict], arm: str, steps, reference: list[Check], cost_
     diversity ≥ lora_survival.DIVERSITY_TARGET × the bare student's; cost ≤ COST_TARGET × training L; every
     transfer trained its generator steps; the reference checks (lora_survival.reference_checks)."""
     out = list(reference)
+    source_rows = [row for row in leakage if " vs " in row]   # leakage_table's source row: what L costs the teacher
+    inherited = "".join(f"; {row}: {leakage[row]['content_change']:+.3f}, what a transfer matching teacher+L inherits"
+                        for row in source_rows)
     trained = ", ".join(f"{a} {n}" for a, n in generator_steps.items())
     out.append(Check(f"every transfer trained its {wanted_steps} generator steps ({trained})",
                      all(n == wanted_steps for n in generator_steps.values())))
@@ -469,7 +472,7 @@ def judge(table: dict[str, dict], arm: str, steps, reference: list[Check], cost_
         leak = leakage[f"{arm}@{k}"]
         out.append(Check(f"{arm}@{k}: no leakage, content change {leak['content_change']:+.3f} from the bare student "
                          f"on {leak['prompts']} prompts the style data never had (a drop must stay within its noise "
-                         f"floor {leak['content_floor']:.3f})", leak["content_change"] >= -leak["content_floor"]))
+                         f"floor {leak['content_floor']:.3f}{inherited})", leak["content_change"] >= -leak["content_floor"]))
         out.append(Check(f"{arm}@{k}: diversity x{e['diversity_ratio']:.2f} of the bare student's (≥ "
                          f"{lora_survival.DIVERSITY_TARGET}; DMD's mode seeking must not collapse it)",
                          e["diversity_ratio"] >= lora_survival.DIVERSITY_TARGET))

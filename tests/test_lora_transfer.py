@@ -240,11 +240,13 @@ def _rows(style, content, bare_content=0.70, ci=(0.66, 0.74), stripes=None):
 def test_judge_of_07_on_synthetic_rows():
     names = lora_survival.SURVIVAL_METRICS["nano"]
 
-    def judged(rows, cost=1.2, steps=None, change=0.05, floor=0.04):
+    def judged(rows, cost=1.2, steps=None, change=0.05, floor=0.04, source_change=None):
         table = lora_transfer.transfer_table(rows, "teacher+lora@20", {"teacher": "student+transfer_teacher"},
                                              [1, 2, 4], names)
         reference = lora_survival.reference_checks(rows, "teacher+lora@20", "teacher@20", names, "nano")
         leakage = {f"teacher@{k}": {"content_change": change, "content_floor": floor, "prompts": 115} for k in (1, 2, 4)}
+        if source_change is not None:   # leakage_table's source row
+            leakage["teacher+lora@20 vs teacher@20"] = {"content_change": source_change, "content_floor": floor}
         return table, lora_transfer.judge(table, "teacher", [1, 2, 4], reference, cost, steps or {"teacher": 200},
                                           200, leakage)
 
@@ -256,6 +258,10 @@ def test_judge_of_07_on_synthetic_rows():
     failed = {c.name for c in judged(_rows({1: 0.9, 2: 0.9, 4: 0.9}, 0.75), change=-0.05)[1] if not c.passed}
     assert failed == {f"teacher@{k}: no leakage, content change -0.050 from the bare student on 115 prompts the style "
                       f"data never had (a drop must stay within its noise floor 0.040)" for k in (1, 2, 4)}
+    failed = [c.name for c in judged(_rows({1: 0.9, 2: 0.9, 4: 0.9}, 0.75), change=-0.05, source_change=-0.046)[1]
+              if not c.passed]   # the check names what L itself costs the teacher: why a transfer stops there
+    assert len(failed) == 3 and all(name.endswith("floor 0.040; teacher+lora@20 vs teacher@20: -0.046, what a transfer "
+                                                  "matching teacher+L inherits)") for name in failed)
     assert checks.all_passed(judged(_rows({1: 0.9, 2: 0.9, 4: 0.9}, 0.75), change=-0.04)[1])  # the floor itself passes
     assert {c.name for c in judged(_rows({1: 0.9, 2: 0.9, 4: 0.9}, 0.70, bare_content=0.70), cost=1.6)[1]
             if not c.passed} == {"transfer cost x1.60 of training L (≤ 1.5)",
