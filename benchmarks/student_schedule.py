@@ -7,6 +7,8 @@ and does not depend on the schedule, so no retraining is needed.
 
     .venv/bin/python benchmarks/student_schedule.py [--eval-seed 7] [--steps 2 4] [--schedule 1.3,1.0,0.6 ...]
     ... --late-checkpoint outputs/nano/checkpoints/rcm/ema_000500.safetensors --late-below 1.4
+    ... --teacher --eval-seed 7 11 --schedule 1.3,1.0,0.6 --set gate.n_prompts=512 --set gate.seeds_per_prompt=2
+        (issue 20's targets on 2,048 held-out images, with paired differences to the teacher and to 1 step)
 
 `--late-checkpoint` locates which step of the chain a longer training degraded: the chain's steps that start at trig
 time <= `--late-below` run another EMA snapshot (the first step stays the run's student). Diagnostic only: the phone
@@ -15,6 +17,7 @@ Needs 02_distill's rCM student for the run (`anima run params/nano.yaml --only 0
 """
 import argparse
 import time
+from typing import Optional
 
 import torch
 
@@ -45,7 +48,8 @@ class TimeSplitDiT(torch.nn.Module):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="nano")
-    parser.add_argument("--eval-seed", type=int, default=7, help="run.seed for the held-out prompts and noise")
+    parser.add_argument("--eval-seed", type=int, nargs="+", default=[7],
+                        help="run.seed for the held-out prompts and noise; several: their sets are pooled")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--schedule", nargs="+", default=DEFAULT_SCHEDULES,
                         help="candidate mid times, comma-separated, decreasing in (0, pi/2)")
@@ -60,8 +64,9 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     params = config.load_config(args.preset, args.overrides)
-    if args.eval_seed == params.run.seed:
-        parser.error(f"--eval-seed {args.eval_seed} equals run.seed: that is the gate's own set, not a held-out one")
+    if params.run.seed in args.eval_seed or len(set(args.eval_seed)) < len(args.eval_seed):
+        parser.error(f"--eval-seed {args.eval_seed}: each must differ from run.seed {params.run.seed} (the gate's own "
+                     "set) and from the others")
     components = models.load_components(params)
     student = distill.load_student(params, components, "rcm", params.distill.checkpoint)
     if args.late_checkpoint:
@@ -82,31 +87,42 @@ def main():
                 "eyes": scores["alignment_eyes"], "shape": scores["alignment_shape"],
                 "clean_rate": scores["clean_rate"], "n_images": scores["n_images"]}
 
+    def sample(schedule: Optional[str], steps: int):
+        """The row's images over every --eval-seed set, pooled, and the pooled set (prompt indices offset per seed)."""
+        images, pooled = [], gate.GateSet(prompts=[], attributes=[], image_prompt=[], image_seed=[])
+        for seed in args.eval_seed:
+            # load_config validates the schedule (decreasing, inside (0, pi/2)) before any sampling
+            eval_params = config.load_config(args.preset, args.overrides + [f"run.seed={seed}"] + (
+                [f"sampler.student_mid_times=[{schedule}]"] if schedule else []))
+            eval_set = gate.gate_set(eval_params)
+            if schedule is None:
+                images.append(gate.sample_teacher(components, eval_params, eval_set, params.sampler.teacher_steps))
+            else:
+                images.append(gate.sample_student(student, components, eval_params, eval_set, steps,
+                                                  precision=params.cache.precision))
+            pooled.image_prompt += [p + len(pooled.prompts) for p in eval_set.image_prompt]
+            pooled.image_seed += eval_set.image_seed
+            pooled.prompts += eval_set.prompts
+            pooled.attributes += eval_set.attributes
+        return torch.cat(images), pooled
+
     if args.teacher:
-        eval_params = config.load_config(args.preset, args.overrides + [f"run.seed={args.eval_seed}"])
-        eval_set = gate.gate_set(eval_params)
         t0 = time.perf_counter()
-        images = gate.sample_teacher(components, eval_params, eval_set, params.sampler.teacher_steps)
-        rows[f"teacher@{params.sampler.teacher_steps}"] = {**score(images, eval_set, f"teacher@{params.sampler.teacher_steps}"),
-                                                           "s": time.perf_counter() - t0}
+        row = f"teacher@{params.sampler.teacher_steps}"
+        images, eval_set = sample(None, params.sampler.teacher_steps)
+        rows[row] = {**score(images, eval_set, row), "s": time.perf_counter() - t0}
     for schedule in args.schedule:
-        # load_config validates the schedule (decreasing, inside (0, pi/2)) before any sampling
-        eval_params = config.load_config(args.preset, args.overrides + [
-            f"run.seed={args.eval_seed}", f"sampler.student_mid_times=[{schedule}]"])
-        eval_set = gate.gate_set(eval_params)
         for steps in args.steps:
             if steps == 1 and schedule != args.schedule[0]:
                 continue  # one step has no mid times
             t0 = time.perf_counter()
-            images = gate.sample_student(student, components, eval_params, eval_set, steps,
-                                         precision=params.cache.precision)
-            rows[f"[{schedule}] @{steps}"] = {**score(images, eval_set, f"[{schedule}] @{steps}"),
-                                              "s": time.perf_counter() - t0}
-            scores = rows[f"[{schedule}] @{steps}"]
-            print(f"{schedule} @{steps}: alignment {scores['alignment']:.3f}, strict {scores['strict_alignment']:.3f}",
-                  flush=True)
+            row = f"[{schedule}] @{steps}"
+            images, eval_set = sample(schedule, steps)
+            rows[row] = {**score(images, eval_set, row), "s": time.perf_counter() - t0}
+            print(f"{schedule} @{steps}: alignment {rows[row]['alignment']:.3f}, strict "
+                  f"{rows[row]['strict_alignment']:.3f}", flush=True)
     late = f", steps at t <= {args.late_below} from {args.late_checkpoint}" if args.late_checkpoint else ""
-    print(f"\nrCM student ({params.distill.checkpoint}{late}), eval seed {args.eval_seed} "
+    print(f"\nrCM student ({params.distill.checkpoint}{late}), eval seed(s) {args.eval_seed} pooled "
           f"(gate uses run.seed {params.run.seed}), {params.gate.n_prompts} prompts × "
           f"{params.gate.seeds_per_prompt} seeds")
     print(report.markdown_table(rows))
