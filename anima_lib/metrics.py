@@ -120,6 +120,17 @@ def paired_difference(values: torch.Tensor, other: torch.Tensor, image_prompt: l
     return {"difference": float(difference.mean()), "ci": prompt_interval(difference, image_prompt)}
 
 
+def interval_reading(paired: dict, low_bar: float, high_bar: float = float("inf")) -> str:
+    """What a paired difference's 90% interval says of a target `low_bar <= difference <= high_bar`: "met" (the whole
+    interval inside), "missed" (the whole interval outside) or "undecided" (it straddles a bar: more images decide)."""
+    low, high = paired["ci"]
+    if low >= low_bar and high <= high_bar:
+        return "met"
+    if high < low_bar or low > high_bar:
+        return "missed"
+    return "undecided"
+
+
 def score_images(reading: dict, attributes: list[dict], image_prompt: list[int],
                  per_image_out: Optional[dict] = None) -> dict:
     """Alignment, per-attribute alignment, diversity, style score, clean rate, with bootstrap CIs over prompts.

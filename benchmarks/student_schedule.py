@@ -132,18 +132,18 @@ def main():
 
 def paired_rows(strict_per_image: dict, image_prompt: list[int], teacher_row: str, one_step_schedule: str) -> dict:
     """Issue 20's targets as paired differences of detail-strict alignment (same prompt and noise per image, 90%
-    bootstrap over prompts): every student row minus the teacher (bar: -0.03 x teacher) and minus the 1-step row."""
+    bootstrap over prompts): every student row minus the teacher (bar: -0.03 x teacher) and minus the 1-step row (bar:
+    0), each read met / missed / undecided by its interval (metrics.interval_reading)."""
     one_step = f"[{one_step_schedule}] @1"
+    bar = -0.03 * float(strict_per_image[teacher_row].float().mean()) if teacher_row in strict_per_image else None
     out = {}
     for row, values in strict_per_image.items():
-        for other in (teacher_row, one_step):
+        for other, low_bar in ((teacher_row, bar), (one_step, 0.0)):
             if row != other and other in strict_per_image and row != teacher_row:
                 paired = metrics.paired_difference(values, strict_per_image[other], image_prompt)
                 out[f"{row} − {other}"] = {"difference": paired["difference"], "ci_low": paired["ci"][0],
-                                           "ci_high": paired["ci"][1]}
-    if teacher_row in strict_per_image:
-        out = {"bar (-0.03 x teacher, for rows minus the teacher)": {
-            "difference": -0.03 * float(strict_per_image[teacher_row].float().mean())}} | out
+                                           "ci_high": paired["ci"][1], "target": f"≥ {low_bar:+.4f}",
+                                           "interval": metrics.interval_reading(paired, low_bar)}
     return out
 
 

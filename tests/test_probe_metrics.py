@@ -101,3 +101,12 @@ def test_paired_difference_sees_a_small_shift_that_two_rows_intervals_cannot():
     assert same["difference"] == 0 and same["ci"] == [0.0, 0.0]
     with pytest.raises(ValueError, match="one value per gate image"):
         metrics.paired_difference(base[:10], base[:10], image_prompt)
+
+
+def test_interval_reading_names_met_missed_and_undecided():
+    assert metrics.interval_reading({"ci": [-0.01, 0.03]}, -0.02) == "met"
+    assert metrics.interval_reading({"ci": [-0.07, -0.03]}, -0.02) == "missed"
+    assert metrics.interval_reading({"ci": [-0.07, 0.02]}, -0.02) == "undecided"
+    assert metrics.interval_reading({"ci": [-0.005, 0.008]}, -0.01, 0.01) == "met"       # two-sided: within ±0.01
+    assert metrics.interval_reading({"ci": [0.012, 0.03]}, -0.01, 0.01) == "missed"      # better by more than 0.01
+    assert metrics.interval_reading({"ci": [-0.012, 0.027]}, -0.01, 0.01) == "undecided"
