@@ -325,10 +325,10 @@ class QuantParams:
     sensitivity: str = _spec("cosine", help="which layers go to 8 bits: 'cosine' (single-layer output cosine below "
                                             "sensitivity_threshold) or 'detail' (also each block role whose 4-bit "
                                             "alone drops the detail-strict reader's prompted-eyes probability on the "
-                                            "student's 1-step images of held-out prompts by more than "
+                                            "student's 1/2/4-step images of held-out prompts by more than "
                                             "detail_threshold, within the 2.5 GB ledger; nano worlds only)",
                              allowed=("cosine", "detail"))
-    detail_threshold: float = _spec(0.01, help="quant.sensitivity: detail: a role goes to 8 bits when the low end of "
+    detail_threshold: float = _spec(0.0, help="quant.sensitivity: detail: a role goes to 8 bits when the low end of "
                                                "the 90% interval of its eyes-probability drop (0-1) is above this",
                                     check=lambda v: None if 0 <= v <= 1 else "must be in [0, 1]", bounds=(0, 1))
     text_encoder: str = _spec("q8_0", help="text encoder format on the phone", allowed=("q8_0",))

@@ -7,8 +7,9 @@ and does not depend on the schedule, so no retraining is needed.
 
     .venv/bin/python benchmarks/student_schedule.py [--eval-seed 7] [--steps 2 4] [--schedule 1.3,1.0,0.6 ...]
     ... --late-checkpoint outputs/nano/checkpoints/rcm/ema_000500.safetensors --late-below 1.4
-    ... --teacher --eval-seed 7 11 --schedule 1.3,1.0,0.6 --set gate.n_prompts=512 --set gate.seeds_per_prompt=2
-        (issue 20's targets on 2,048 held-out images, with paired differences to the teacher and to 1 step)
+    ... --teacher --q4 --eval-seed 7 11 --schedule 1.3,1.0,0.6 --set gate.n_prompts=512 --set gate.seeds_per_prompt=2
+        (issue 20's targets on 2,048 held-out images, with paired differences to the teacher, to 1 step and, --q4,
+        of the 4-bit student to full precision)
 
 `--late-checkpoint` locates which step of the chain a longer training degraded: the chain's steps that start at trig
 time <= `--late-below` run another EMA snapshot (the first step stays the run's student). Diagnostic only: the phone
@@ -24,6 +25,7 @@ import torch
 from anima_lib import config, distill, flow, gate, metrics, models, report
 from anima_lib.nano_world import detail_reader
 from anima_lib.nano_world.probes import load_probe
+from anima_lib.quant import stage as quant_stage
 
 DEFAULT_SCHEDULES = ["1.3,1.0,0.6", "1.1,0.8,0.4", "1.0,0.6,0.3", "0.9,0.5,0.2", "1.2,0.7,0.3"]
 
@@ -56,6 +58,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--teacher", action="store_true", help="also score teacher@sampler.teacher_steps (CFG) on the "
                                                                  "held-out set: the reference of the 0.97x target")
+    parser.add_argument("--q4", action="store_true", help="also the run's quantized student (04_quantize) at the first "
+                                                               "schedule, paired with full precision (issue 20 item 3)")
     parser.add_argument("--late-checkpoint", default=None, help="an EMA snapshot for the steps at trig time <= "
                                                                    "--late-below (diagnostic)")
     parser.add_argument("--late-below", type=float, default=1.4, help="trig time at or below which a step runs "
@@ -74,7 +78,10 @@ def main():
         student = TimeSplitDiT(student, late, flow.trig_to_rf_time(args.late_below))
     reader = metrics.ProbeReader(load_probe())
     strict = detail_reader.load_detail_reader()  # the gate's detail-strict reading (eyes confident and right)
-    rows, strict_per_image = {}, {}   # row -> per-image detail-strict 0/1, for the paired differences
+    quantized = quant_stage.load_quantized_student(params) if args.q4 else None
+    if args.q4 and quantized is None:
+        parser.error("--q4: the run has no quantized student (run 04_quantize first)")
+    rows, strict_per_image, eyes_per_image = {}, {}, {}   # row -> per-image 0/1 readings, for paired differences
 
     def score(images, eval_set, row: str) -> dict:
         scores = metrics.score_images(reader.read(images), eval_set.attributes, eval_set.image_prompt)
@@ -82,12 +89,14 @@ def main():
                                               eval_set.image_prompt)
         scores.update(details["scores"])
         strict_per_image[row] = torch.tensor(details["per_image"]["strict_aligned"])
+        eyes_per_image[row] = detail_reader.per_image_strict(detail_reader.read_details(strict, metrics.as_float(images)),
+                                                             eval_set.attributes, eval_set.image_prompt)["right_eyes"]
         return {"alignment": scores["alignment"], "alignment_ci": scores["alignment_ci"],
                 "strict_alignment": scores["strict_alignment"], "strict_eyes": scores["strict_accuracy_eyes"],
                 "eyes": scores["alignment_eyes"], "shape": scores["alignment_shape"],
                 "clean_rate": scores["clean_rate"], "n_images": scores["n_images"]}
 
-    def sample(schedule: Optional[str], steps: int):
+    def sample(schedule: Optional[str], steps: int, model=None):
         """The row's images over every --eval-seed set, pooled, and the pooled set (prompt indices offset per seed)."""
         images, pooled = [], gate.GateSet(prompts=[], attributes=[], image_prompt=[], image_seed=[])
         for seed in args.eval_seed:
@@ -98,7 +107,7 @@ def main():
             if schedule is None:
                 images.append(gate.sample_teacher(components, eval_params, eval_set, params.sampler.teacher_steps))
             else:
-                images.append(gate.sample_student(student, components, eval_params, eval_set, steps,
+                images.append(gate.sample_student(model or student, components, eval_params, eval_set, steps,
                                                   precision=params.cache.precision))
             pooled.image_prompt += [p + len(pooled.prompts) for p in eval_set.image_prompt]
             pooled.image_seed += eval_set.image_seed
@@ -121,13 +130,26 @@ def main():
             rows[row] = {**score(images, eval_set, row), "s": time.perf_counter() - t0}
             print(f"{schedule} @{steps}: alignment {rows[row]['alignment']:.3f}, strict "
                   f"{rows[row]['strict_alignment']:.3f}", flush=True)
+    quant_pairs = {}
+    for steps in args.steps if quantized is not None else ():
+        row, full = f"[{args.schedule[0]}] q{params.quant.bits} @{steps}", f"[{args.schedule[0]}] @{steps}"
+        images, eval_set = sample(args.schedule[0], steps, quantized)
+        rows[row] = score(images, eval_set, row)
+        if full in rows:   # issue 20 item 3: within 0.01 of full precision on strict alignment and on the eye count
+            for reading, per_image in (("strict", strict_per_image), ("eyes right", eyes_per_image)):
+                paired = metrics.paired_difference(per_image[row], per_image[full], eval_set.image_prompt)
+                quant_pairs[f"{row} − {full}, {reading}"] = {
+                    "difference": paired["difference"], "ci_low": paired["ci"][0], "ci_high": paired["ci"][1],
+                    "target": "within ±0.01", "interval": metrics.interval_reading(paired, -0.01, 0.01)}
     late = f", steps at t <= {args.late_below} from {args.late_checkpoint}" if args.late_checkpoint else ""
     print(f"\nrCM student ({params.distill.checkpoint}{late}), eval seed(s) {args.eval_seed} pooled "
           f"(gate uses run.seed {params.run.seed}), {params.gate.n_prompts} prompts × "
           f"{params.gate.seeds_per_prompt} seeds")
     print(report.markdown_table(rows))
-    print("\n" + report.markdown_table(paired_rows(strict_per_image, eval_set.image_prompt,
-                                                    f"teacher@{params.sampler.teacher_steps}", args.schedule[0])))
+    full_precision = {r: v for r, v in strict_per_image.items() if f" q{params.quant.bits} " not in r}
+    print("\n" + report.markdown_table(paired_rows(full_precision, eval_set.image_prompt,
+                                                    f"teacher@{params.sampler.teacher_steps}", args.schedule[0])
+                                         | quant_pairs))
 
 
 def paired_rows(strict_per_image: dict, image_prompt: list[int], teacher_row: str, one_step_schedule: str) -> dict:

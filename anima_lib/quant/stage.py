@@ -6,7 +6,7 @@ Inputs the student really sees: `CALIBRATION_PROMPTS` gate prompts, its 4-step c
 step's (x, σ, context) — the calibration of awq/gptq, the output-cosine sensitivity and the fidelity table. The detail
 sensitivity (quant.sensitivity: detail, nano worlds) quantizes one role of the transformer blocks at a time (e.g.
 every block's attn2.to_out.0: one pattern, which carries over to the 2B DiT's 28 blocks), samples `DETAIL_PROMPTS`
-prompts at `DETAIL_STEPS` and reads the images with the detail-strict reader; its prompts and noise are held out from
+prompts at the served step counts (gate.student_steps) and reads the images with the detail-strict reader; its prompts and noise are held out from
 the gate's (run.seed + `DETAIL_SEED_OFFSET`), so 05 does not score the images the policy was chosen on. Roles whose
 drop exceeds quant.detail_threshold go to 8 bits, largest drop first, as long as the planned 2B ledger stays within
 `LEDGER_BUDGET_GB`.
@@ -32,7 +32,6 @@ TEXT_ENCODER_GGUF = "text_encoder_q8_0.gguf"
 CALIBRATION_PROMPTS = 16           # gate prompts (one seed each) whose 4-step student chains calibrate and probe
 CALIBRATION_STEPS = 4
 DETAIL_PROMPTS = 128               # prompts (one seed each) the detail sensitivity samples, per unit measured
-DETAIL_STEPS = (1,)                # student step counts it samples: 1 step is where 4-bit costs most eye detail
 DETAIL_SEED_OFFSET = 7_919         # ... drawn from run.seed + this: held out from the gate's prompts and noise
 WEIGHT_ERROR_BITS = (3, 8)         # besides quant.bits: the widths of the data-free method table
 FIXTURE_PROMPTS = 4
@@ -170,11 +169,13 @@ def params_by_format(rows: dict[str, dict]) -> dict[str, dict]:
 
 
 def eyes_score(params, components, n_prompts: int = DETAIL_PROMPTS,
-               steps=DETAIL_STEPS) -> Callable[[torch.nn.Module], float]:
+               steps=None) -> Callable[[torch.nn.Module], float]:
     """score(model) = per image, the detail-strict reader's probability of the prompted eye count on the student
-    images `model` samples at `steps` (mean over steps), on prompts and noise held out from the gate's (nano worlds
-    only: the reader reads creatures)."""
+    images `model` samples at `steps` (mean over steps; default gate.student_steps, every step count the phone serves:
+    on 2,048 held-out images 4-bit chosen at 1 step alone cost strict alignment 0.006 / 0.030 / 0.016 at 1 / 2 / 4),
+    on prompts and noise held out from the gate's (nano worlds only: the reader reads creatures)."""
     from ..nano_world import detail_reader
+    steps = tuple(steps or params.gate.student_steps)
     held_out = dataclasses.replace(params, run=dataclasses.replace(params.run, seed=params.run.seed + DETAIL_SEED_OFFSET))
     gate_set, noises, context = gate_subset_inputs(held_out, components, n_prompts, max(steps))
     reader = detail_reader.load_detail_reader()
