@@ -6,8 +6,9 @@ Inputs the student really sees: `CALIBRATION_PROMPTS` gate prompts, its 4-step c
 step's (x, σ, context) — the calibration of awq/gptq, the output-cosine sensitivity and the fidelity table. The detail
 sensitivity (quant.sensitivity: detail, nano worlds) quantizes one role of the transformer blocks at a time (e.g.
 every block's attn2.to_out.0: one pattern, which carries over to the 2B DiT's 28 blocks), samples `DETAIL_PROMPTS`
-prompts at the served step counts (gate.student_steps) and reads the images with the detail-strict reader; its prompts and noise are held out from
-the gate's (run.seed + `DETAIL_SEED_OFFSET`), so 05 does not score the images the policy was chosen on. Roles whose
+prompts at the served step counts (gate.student_steps) and reads the images with the detail-strict reader; its prompts
+and noise are held out from the gate's (run.seed + `DETAIL_SEED_OFFSET`), so 05 does not score the images the policy
+was chosen on. Roles whose
 drop exceeds quant.detail_threshold go to 8 bits, largest drop first, as long as the planned 2B ledger stays within
 `LEDGER_BUDGET_GB`.
 """
