@@ -85,12 +85,10 @@ def main():
 
     def score(images, eval_set, row: str) -> dict:
         scores = metrics.score_images(reader.read(images), eval_set.attributes, eval_set.image_prompt)
-        details = detail_reader.score_details(strict, metrics.as_float(images), eval_set.attributes,
-                                              eval_set.image_prompt)
-        scores.update(details["scores"])
-        strict_per_image[row] = torch.tensor(details["per_image"]["strict_aligned"])
-        eyes_per_image[row] = detail_reader.per_image_strict(detail_reader.read_details(strict, metrics.as_float(images)),
-                                                             eval_set.attributes, eval_set.image_prompt)["right_eyes"]
+        reading = detail_reader.read_details(strict, metrics.as_float(images))   # read once: scores and per image
+        scores.update(detail_reader.detail_scores(reading, eval_set.attributes, eval_set.image_prompt))
+        per_image = detail_reader.per_image_strict(reading, eval_set.attributes, eval_set.image_prompt)
+        strict_per_image[row], eyes_per_image[row] = per_image["strict_aligned"], per_image["right_eyes"]
         return {"alignment": scores["alignment"], "alignment_ci": scores["alignment_ci"],
                 "strict_alignment": scores["strict_alignment"], "strict_eyes": scores["strict_accuracy_eyes"],
                 "eyes": scores["alignment_eyes"], "shape": scores["alignment_shape"],
