@@ -331,7 +331,24 @@ class QuantParams:
     detail_threshold: float = _spec(0.0, help="quant.sensitivity: detail: a role goes to 8 bits when the low end of "
                                                "the 90% interval of its eyes-probability drop (0-1) is above this",
                                     check=lambda v: None if 0 <= v <= 1 else "must be in [0, 1]", bounds=(0, 1))
+    refine_updates: int = _spec(300, help="after the codes are chosen, Adam updates of every quantized layer's group "
+                                          "scales and biases (codes frozen, same file) so the 4-bit student's 1/2/4-"
+                                          "step samples match full precision's from the same noise (0: off)",
+                                bounds=(0, 100_000))
+    refine_lr: float = _spec(1e-3, help="refinement learning rate, in units of each group's own scale",
+                             check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]", bounds=(0, 1))
+    refine_prompts: int = _spec(128, help="held-out prompts (one noise each) the refinement fits (3/4) and validates "
+                                          "on (1/4: kept only if their error went down)", bounds=(4, 100_000))
+    refine_batch: int = _spec(32, help="prompts per refinement update", bounds=(1, 100_000))
     text_encoder: str = _spec("q8_0", help="text encoder format on the phone", allowed=("q8_0",))
+
+    def __post_init__(self):
+        from .quant.refine import split_sizes
+        trained, _ = split_sizes(self.refine_prompts)
+        if self.refine_batch > trained:
+            raise ConfigError(f"quant.refine_batch = {self.refine_batch} is more than the {trained} prompts the "
+                              f"refinement trains on (3/4 of quant.refine_prompts = {self.refine_prompts}); lower it "
+                              f"or raise quant.refine_prompts")
 
 
 def _fraction(v):

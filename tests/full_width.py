@@ -191,6 +191,7 @@ def preset_values(model: dict, world: dict, out: Path, name: str = "fullwidth", 
                     "eval_rows": 2},
         "lora": {"style_folder": str(world["style"]), "steps": 2, "batch_size": 2, "checkpoint_every": 2,
                  "minutes": 120, "strengths": [1.0]},
+        "quant": {"refine_updates": 2, "refine_prompts": 4, "refine_batch": 2},
     }
     for section, keys in small.items():
         values.setdefault(section, {}).update(keys)

@@ -22,10 +22,10 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import gate, metrics, parity_fixtures, sampler, text
+from .. import cache, gate, metrics, parity_fixtures, sampler, text
 from ..checks import Check
 from ..networks import transformer_velocity
-from . import calibrated, ledger, load_memory, mlx_affine, packed, policy as quant_policy, q8_0
+from . import calibrated, ledger, load_memory, mlx_affine, packed, policy as quant_policy, q8_0, refine
 
 QUANTIZED = "quantized"            # outputs/<run>/quantized: the packed student and the text encoder GGUF
 STUDENT_FOLDER = "student"
@@ -107,6 +107,47 @@ def student_inputs(params, components, student: torch.nn.Module, n_prompts: int 
     inputs = StudentInputs(params, gate_set, noises, context)
     sampler.student_sample(student, noises, context, params, trace=inputs.trace)
     return inputs
+
+
+def refine_inputs(params, components, steps: int) -> tuple[list, torch.Tensor]:
+    """The refinement's prompts and noise: the first quant.refine_prompts prompts the student was distilled on (the
+    cache's list: creatures on nano, cache.prompts_file on a real model; never the gate's), their Q8_0 context (what
+    the phone encodes), and `steps` noise tensors drawn from run.seed + refine.REFINE_SEED_OFFSET."""
+    records, _ = cache.cache_records(params, components)
+    prompts = [r.prompt for r in records[:params.quant.refine_prompts]]
+    context = text.text_path_at(components, "q8_0").encode_prompts(prompts).float()
+    generator = torch.Generator().manual_seed(params.run.seed + refine.REFINE_SEED_OFFSET)
+    shape = components.latent_shape(params.gate.image_size)
+    noises = [torch.randn(len(prompts), *shape, generator=generator).to(components.device) for _ in range(steps)]
+    return noises, context
+
+
+def refine_quantized(params, components, student: torch.nn.Module, quantized: torch.nn.Module) -> dict:
+    """refine.refine_affine on a float copy of `quantized` (the numerics the gate scores), then the fitted scales and
+    biases — rounded to the checkpoint's bf16 — copied into `quantized` when the validation prompts kept them."""
+    q, steps = params.quant, tuple(params.gate.student_steps)
+    noises, context = refine_inputs(params, components, max(steps))
+    as_float = copy.deepcopy(quantized).float()
+    result = refine.refine_affine(as_float, student, noises, context, params, steps, q.refine_updates, q.refine_lr,
+                                  q.refine_batch, stored=torch.bfloat16)
+    if result["kept"]:
+        fitted = dict(as_float.named_modules())
+        with torch.no_grad():
+            for name, layer in quantized.named_modules():
+                if isinstance(layer, packed.QuantizedLinear):
+                    layer.scales.copy_(fitted[name].scales)
+                    layer.biases.copy_(fitted[name].biases)
+    if len(context) < q.refine_prompts:
+        result["note"] = (f"{len(context)} prompts: the cache's list holds no more (quant.refine_prompts asks "
+                          f"{q.refine_prompts})")
+    return result
+
+
+def refine_table(refinement: dict) -> dict[str, dict]:
+    """Mean squared error of the 4-bit student's final latents against full precision's, same noise, per step count:
+    before and after refinement, on the prompts fitted and on the validation prompts never trained on."""
+    return {f"{split}, {when}": {f"@{k}": v for k, v in refinement[when][split].items()}
+            for split in ("train", "validation") for when in ("before", "after")}
 
 
 # --- tables -----------------------------------------------------------------------------------------------------------
@@ -252,6 +293,7 @@ class QuantizeResult:
     sensitivity: dict              # {layer: single-layer output cosine}
     detail_drop: Optional[dict]    # {role: mean eyes-probability drop, that role alone at 4 bits} (sensitivity: detail)
     detail_drop_low: Optional[dict]  # {role: the 90% interval's low end of that drop}: what the policy decides on
+    refinement: Optional[dict]     # refine.refine_affine's record (quant.refine_updates > 0)
     policy_rows: dict
     load_row: dict                 # packed size, bit-exact reload, load memory
     fidelity: dict                 # latent cosine per option
@@ -321,6 +363,11 @@ def run_quantize(params, components, student: torch.nn.Module, progress: Callabl
     progress("quantize and pack")
     quantized, chosen, kept = packed.quantize_model(copy.deepcopy(student), dit_policy, q.method, torch.bfloat16,
                                                     calibration)
+    unrefined, refinement = quantized, None
+    if q.refine_updates:
+        progress("refine scales and biases")
+        unrefined = copy.deepcopy(quantized)
+        refinement = refine_quantized(params, components, student, quantized)
     folder = quantized_dir(params)
     packed.save_packed(quantized, folder, dit_policy, chosen, kept, dict(components.transformer.config))
     reloaded, step = load_quantized_student(params, float32=False), inputs.trace[0]
@@ -335,13 +382,15 @@ def run_quantize(params, components, student: torch.nn.Module, progress: Callabl
                 "load: RSS above base, steady MB": (rss["steady"] - rss["base"]) / 1e6}
 
     progress("fidelity")
-    chosen_label = f"policy, {q.method} (chosen)"
+    chosen_label = f"policy, {q.method}{' + refined' if refinement and refinement['kept'] else ''} (chosen)"
 
     def build(pol, method):
         return lambda: packed.quantize_model(copy.deepcopy(student), pol, method, torch.bfloat16, calibration)[0]
 
     options = {(chosen_label if m == q.method else f"policy, {m}"):
                ((lambda: quantized) if m == q.method else build(dit_policy, m)) for m in compared}
+    if refinement is not None and refinement["kept"]:
+        options[f"policy, {q.method}, unrefined"] = lambda: unrefined
     options.update({
         "all eligible 4-bit g32 (no policy)": build({"bits": 4, "group_size": 32, "layers": {}}, q.method),
         "mixed 3/4-bit (MLP 3-bit)": build({**dit_policy, "layers": {
@@ -366,7 +415,7 @@ def run_quantize(params, components, student: torch.nn.Module, progress: Callabl
     replayed = parity_fixtures.replay(fixture_dir, components, as_float)
     return QuantizeResult(
         fmt=fmt, method=q.method, policy=dit_policy, chosen=chosen, kept=kept, method_error=method_error,
-        sensitivity=sensitivity, detail_drop=drops, detail_drop_low=drops_low,
+        sensitivity=sensitivity, detail_drop=drops, detail_drop_low=drops_low, refinement=refinement,
         policy_rows=policy_rows(student, chosen, kept, fmt, sensitivity, drops), load_row=load_row,
         fidelity=fidelity_table, chosen_label=chosen_label, ledger_rows=ledger_rows, gguf_stats=gguf_stats,
         gguf_readback_diff=readback_diff, fixture_dir=fixture_dir, fixture_index=index, replayed=replayed,
@@ -415,4 +464,8 @@ def summary(result: QuantizeResult, steps) -> tuple[dict, str, dict, dict]:
     extra = {"policy": result.policy, "method": result.method}
     if result.detail_drop is not None:
         extra["detail_drop"] = {"mean": result.detail_drop, "low_90": result.detail_drop_low}
+    if result.refinement is not None:
+        extra["refinement"] = {k: v for k, v in result.refinement.items() if k != "loss"}
+        verdict += (f"; scales/biases refined ({result.refinement['updates']} updates, "
+                    f"{'kept' if result.refinement['kept'] else 'discarded: validation error rose'})")
     return rows, verdict, headline, extra
