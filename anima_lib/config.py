@@ -306,6 +306,15 @@ class DistillParams:
                               "pass through FSDP-sharded modules); set distill.tangent: fd")
 
 
+REFINE_VALIDATION_FRACTION = 0.25   # of quant.refine_prompts: never trained on, they decide keep / discard
+
+
+def refine_split(prompts: int) -> tuple[int, int]:
+    """(prompts 04's refinement trains on, prompts it validates on) of `prompts`."""
+    validation = max(1, round(prompts * REFINE_VALIDATION_FRACTION))
+    return prompts - validation, validation
+
+
 @dataclass
 class QuantParams:
     bits: int = _spec(4, help="MLX-affine bits of the DiT's default layers", allowed=(3, 4, 8), bounds=(3, 8))
@@ -343,8 +352,7 @@ class QuantParams:
     text_encoder: str = _spec("q8_0", help="text encoder format on the phone", allowed=("q8_0",))
 
     def __post_init__(self):
-        from .quant.refine import split_sizes
-        trained, _ = split_sizes(self.refine_prompts)
+        trained, _ = refine_split(self.refine_prompts)
         if self.refine_batch > trained:
             raise ConfigError(f"quant.refine_batch = {self.refine_batch} is more than the {trained} prompts the "
                               f"refinement trains on (3/4 of quant.refine_prompts = {self.refine_prompts}); lower it "

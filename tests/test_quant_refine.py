@@ -65,7 +65,7 @@ def test_a_fit_that_raises_the_validation_error_is_discarded():
 
 
 def test_refinement_parameters_are_checked_before_any_work():
-    assert refine.split_sizes(128) == (96, 32) and refine.split_sizes(4) == (3, 1)
+    assert config.refine_split(128) == (96, 32) and config.refine_split(4) == (3, 1)
     with pytest.raises(config.ConfigError, match="quant.refine_batch = 97 .* 96 prompts"):
         config.load_config("nano", ["quant.refine_batch=97"])
     with pytest.raises(config.ConfigError, match="refine_lr"):

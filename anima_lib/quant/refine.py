@@ -7,10 +7,10 @@ Why it pays: awq and gptq fit each layer alone on its own inputs; their errors a
 the chain's steps, which is where the eye count goes (issue 20: on 2,048 held-out images the unrefined 4-bit student
 lost 0.018 of strict alignment at 2 steps, while every block role alone cost < 0.005). Training only these
 parameters with the codes frozen is the end-to-end stage of EfficientQAT (Chen et al. 2024) at post-training cost:
-~1% of the model's parameters, a few hundred small updates.
+two values per group of 32 weights, a few hundred small updates.
 
-Prompts and noise are drawn from run.seed + `REFINE_SEED_OFFSET` (held out from the gate's and the detail
-sensitivity's); the last `VALIDATION_FRACTION` of them are never trained on and decide whether the refinement is kept.
+The caller gives the prompts (04: the cache's, never the gate's) and their noise (run.seed + `REFINE_SEED_OFFSET`);
+the last `config.REFINE_VALIDATION_FRACTION` of them are never trained on and decide whether the refinement is kept.
 """
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from typing import Callable
 import torch
 
 from .. import sampler
+from ..config import refine_split
 from ..networks import velocity_fn
 from . import mlx_affine
 from .packed import QuantizedLinear
 
-REFINE_SEED_OFFSET = 104_729      # prompts and noise: run.seed + this
-VALIDATION_FRACTION = 0.25        # of quant.refine_prompts: held out of the updates, they decide keep / discard
+REFINE_SEED_OFFSET = 104_729      # noise and batch order: run.seed + this
 
 
 class _TrainableAffine(torch.nn.Module):
@@ -69,12 +69,6 @@ def _swap(model: torch.nn.Module, make: Callable[[torch.nn.Module], torch.nn.Mod
     return swapped
 
 
-def split_sizes(prompts: int) -> tuple[int, int]:
-    """(prompts trained on, prompts validated on) of `prompts`."""
-    validation = max(1, round(prompts * VALIDATION_FRACTION))
-    return prompts - validation, validation
-
-
 def chain_errors(model: torch.nn.Module, targets: dict[int, torch.Tensor], noises: list, context: torch.Tensor,
                  params, rows=slice(None)) -> dict[int, float]:
     """{k: mean squared error of model's k-step final latents against targets[k]} on `rows` (no gradient)."""
@@ -88,14 +82,13 @@ def refine_affine(quantized: torch.nn.Module, reference: torch.nn.Module, noises
                   progress: bool = True) -> dict:
     """Fit `quantized`'s group scales and biases (in place, rounded to their stored dtype) so its k-step samples match
     `reference`'s from the same noise, k cycling through `steps`; `noises` (max(steps) tensors) and `context` rows are
-    the prompts. The last VALIDATION_FRACTION of rows are never trained on: the fit is kept only when their mean
-    chain error over `steps` went down (else `quantized` is left as it was). Returns the before / after errors on
-    both splits (after: with the values rounded to `stored`), the loss per update ({"iteration", "@k"}) and whether
-    it was kept. Computes
-    in `quantized`'s own dtype: give it the float model the gate scores."""
+    the prompts. The last config.REFINE_VALIDATION_FRACTION of rows are never trained on: the fit is kept only when
+    their mean chain error over `steps` went down (else `quantized` is left as it was). Returns the before / after
+    errors on both splits (after: with the values rounded to `stored`), the loss per update ({"iteration", "@k"}) and
+    whether it was kept. Computes in `quantized`'s own dtype: give it the float model the gate scores."""
     steps = sorted(steps)
     rows = len(context)
-    n_train, n_val = split_sizes(rows)
+    n_train, n_val = refine_split(rows)
     if n_train < 1 or max(steps) > len(noises):
         raise ValueError(f"refine_affine: {rows} prompts leave none to train on, or {len(noises)} noise tensors for "
                          f"{max(steps)} steps")

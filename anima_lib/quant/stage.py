@@ -10,7 +10,8 @@ prompts at the served step counts (gate.student_steps) and reads the images with
 and noise are held out from the gate's (run.seed + `DETAIL_SEED_OFFSET`), so 05 does not score the images the policy
 was chosen on. Roles whose
 drop exceeds quant.detail_threshold go to 8 bits, largest drop first, as long as the planned 2B ledger stays within
-`LEDGER_BUDGET_GB`.
+`LEDGER_BUDGET_GB`. With quant.refine_updates > 0 the quantized layers' group scales and biases are then fitted end to
+end on cache prompts (`refine_quantized`, quant/refine.py), codes and file format unchanged.
 """
 from __future__ import annotations
 
