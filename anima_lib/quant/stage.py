@@ -25,6 +25,7 @@ import torch
 
 from .. import cache, gate, metrics, parity_fixtures, sampler, text
 from ..checks import Check
+from ..distill.parallel import checkpoint_activations
 from ..networks import transformer_velocity
 from . import calibrated, ledger, load_memory, mlx_affine, packed, policy as quant_policy, q8_0, refine
 
@@ -129,6 +130,8 @@ def refine_quantized(params, components, student: torch.nn.Module, quantized: to
     q, steps = params.quant, tuple(params.gate.student_steps)
     noises, context = refine_inputs(params, components, max(steps))
     as_float = copy.deepcopy(quantized).float()
+    if params.distill.activation_checkpointing:   # 2B: a 4-step chain keeps ~73 GB of activations per prompt without
+        checkpoint_activations(as_float)           # (652 MB per block and sample at 1024², README "Training memory")
     result = refine.refine_affine(as_float, student, noises, context, params, steps, q.refine_updates, q.refine_lr,
                                   q.refine_batch, stored=torch.bfloat16)
     if result["kept"]:
