@@ -14,7 +14,7 @@ the last `config.REFINE_VALIDATION_FRACTION` of them are never trained on and de
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -70,11 +70,12 @@ def _swap(model: torch.nn.Module, make: Callable[[torch.nn.Module], torch.nn.Mod
 
 
 def chain_errors(model: torch.nn.Module, targets: dict[int, torch.Tensor], noises: list, context: torch.Tensor,
-                 params, rows=slice(None)) -> dict[int, float]:
+                 params, rows=slice(None), batch_size: Optional[int] = None) -> dict[int, float]:
     """{k: mean squared error of model's k-step final latents against targets[k]} on `rows` (no gradient)."""
     with torch.no_grad():
-        return {k: float((sampler.student_sample(model, [n[rows] for n in noises[:k]], context[rows], params)
-                          - target[rows]).pow(2).mean()) for k, target in targets.items()}
+        return {k: float((sampler.student_sample(model, [n[rows] for n in noises[:k]], context[rows], params,
+                                                 batch_size=batch_size) - target[rows]).pow(2).mean())
+                for k, target in targets.items()}
 
 
 def refine_affine(quantized: torch.nn.Module, reference: torch.nn.Module, noises: list, context: torch.Tensor, params,
@@ -93,9 +94,14 @@ def refine_affine(quantized: torch.nn.Module, reference: torch.nn.Module, noises
         raise ValueError(f"refine_affine: {rows} prompts leave none to train on, or {len(noises)} noise tensors for "
                          f"{max(steps)} steps")
     train_rows, val_rows = slice(0, n_train), slice(n_train, rows)
-    targets = {k: sampler.student_sample(reference, noises[:k], context, params) for k in steps}
-    before = {"train": chain_errors(quantized, targets, noises, context, params, train_rows),
-              "validation": chain_errors(quantized, targets, noises, context, params, val_rows)}
+    # no-grad chains go batch_size rows at a time too: 128 rows at once at 1024² would not fit a GPU
+    targets = {k: sampler.student_sample(reference, noises[:k], context, params, batch_size=batch_size)
+               for k in steps}
+
+    def errors() -> dict[str, dict[int, float]]:
+        return {split: chain_errors(quantized, targets, noises, context, params, rows_of_split, batch_size)
+                for split, rows_of_split in (("train", train_rows), ("validation", val_rows))}
+    before = errors()
     trainable = _swap(quantized, _TrainableAffine, QuantizedLinear)
     try:
         quantized.requires_grad_(False)
@@ -128,8 +134,7 @@ def refine_affine(quantized: torch.nn.Module, reference: torch.nn.Module, noises
     originals = {layer: (layer.scales.clone(), layer.biases.clone()) for layer in fitted}
     for t in fitted.values():
         t.commit(stored)
-    after = {"train": chain_errors(quantized, targets, noises, context, params, train_rows),
-             "validation": chain_errors(quantized, targets, noises, context, params, val_rows)}
+    after = errors()
     kept = _mean(after["validation"]) < _mean(before["validation"])
     if not kept:
         with torch.no_grad():
