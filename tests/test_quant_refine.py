@@ -1,6 +1,7 @@
 """04's refinement of a quantized student's group scales and biases: the codes and the file format stay, the chain
 error against full precision falls on prompts never trained on, and a fit that makes things worse is thrown away."""
 import copy
+import json
 
 import pytest
 import torch
@@ -89,3 +90,39 @@ def test_refinement_runs_under_activation_checkpointing_with_the_same_result():
         fitted.append(_affine(quantized))
     for name, (words, scales, biases) in fitted[0].items():
         assert torch.allclose(scales, fitted[1][name][1]) and torch.allclose(biases, fitted[1][name][2])
+
+
+def test_a_killed_refinement_resumes_exactly(tmp_path, monkeypatch):
+    """Checkpoints every 2 updates; a crash at update 5 loses only update 5, and the resumed fit equals the straight one.
+    A checkpoint of another model is not mixed in."""
+    def run(folder, crash_at=None):
+        student, quantized, noises, context, params = _setup(prompts=8, seed=7)
+        if crash_at is not None:
+            calls, step = [0], torch.optim.Adam.step
+
+            def crashing_step(self, *args, **kwargs):
+                calls[0] += 1
+                if calls[0] == crash_at:
+                    raise RuntimeError("killed")
+                return step(self, *args, **kwargs)
+            monkeypatch.setattr(torch.optim.Adam, "step", crashing_step)
+        try:
+            result = refine.refine_affine(quantized, student, noises, context, params, STEPS, updates=6, lr=3e-3,
+                                          batch_size=4, progress=False, checkpoint_dir=folder, checkpoint_every=2)
+        finally:
+            monkeypatch.undo()
+        return result, _affine(quantized)
+
+    straight, straight_affine = run(tmp_path / "straight")
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tmp_path / "crashed", crash_at=5)
+    assert json.loads((tmp_path / "crashed" / "last" / "state.json").read_text())["update"] == 4
+    resumed, resumed_affine = run(tmp_path / "crashed")
+    assert [h["iteration"] for h in resumed["loss"]] == list(range(6)) and resumed["loss"] == straight["loss"]
+    for name, tensors in straight_affine.items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, resumed_affine[name]))
+    # another quantized model (other weights): the stale checkpoint is replaced, not loaded
+    student, quantized, noises, context, params = _setup(prompts=8, seed=8)
+    other = refine.refine_affine(quantized, student, noises, context, params, STEPS, updates=6, lr=3e-3,
+                                 batch_size=4, progress=False, checkpoint_dir=tmp_path / "crashed", checkpoint_every=2)
+    assert other["loss"] != straight["loss"] and len(other["loss"]) == 6

@@ -14,12 +14,19 @@ the last `config.REFINE_VALIDATION_FRACTION` of them are never trained on and de
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .. import sampler
 from ..config import refine_split
+from ..flow_training import load_optimizer_state, optimizer_state_tensors
+from ..io import atomic_replace_dir, atomic_write_json, load_finite, recover_dir
 from ..networks import velocity_fn
 from . import mlx_affine
 from .packed import QuantizedLinear
@@ -58,15 +65,56 @@ class _TrainableAffine(torch.nn.Module):
         self.layer.biases.copy_(biases.to(stored))
 
 
-def _swap(model: torch.nn.Module, make: Callable[[torch.nn.Module], torch.nn.Module], kind: type) -> list:
-    swapped = []
+def _swap(model: torch.nn.Module, make: Callable[[torch.nn.Module], torch.nn.Module], kind: type) -> dict:
+    swapped = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, kind):
             parent, _, child = name.rpartition(".")
-            new = make(module)
-            setattr(model.get_submodule(parent) if parent else model, child, new)
-            swapped.append(new)
+            swapped[name] = make(module)
+            setattr(model.get_submodule(parent) if parent else model, child, swapped[name])
     return swapped
+
+
+def _digest(trainable: dict[str, _TrainableAffine]) -> str:
+    """Which quantized model a checkpoint belongs to: the sha256 of every layer's starting scales and biases."""
+    h = hashlib.sha256()
+    for name, t in trainable.items():
+        h.update(name.encode())
+        for tensor in (t.s0, t.b0):
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_checkpoint(folder: Path, state: dict, named: dict[str, torch.nn.Parameter],
+                     optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
+    staging = folder / ".last.tmp"
+    staging.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, staging / "affine.safetensors")
+    save_file(optimizer_state_tensors(optimizer, list(named)), staging / "optimizer.safetensors")
+    save_file({"generator": generator.get_state()}, staging / "rng.safetensors")
+    atomic_write_json(staging / "state.json", state)
+    atomic_replace_dir(staging, folder / "last")   # the checkpoint appears complete or not at all
+
+
+def _resume(folder: Optional[Path], config: dict, named: dict[str, torch.nn.Parameter],
+            optimizer: torch.optim.Optimizer, generator: torch.Generator) -> tuple[int, list]:
+    """(update to start at, losses so far): from folder/last when it was written for this `config` (settings and
+    model digest), else from scratch (a checkpoint of another quantized model or other settings is stale: replaced)."""
+    if folder is None:
+        return 0, []
+    last = recover_dir(folder / "last")
+    if not (last / "state.json").is_file():
+        return 0, []
+    state = json.loads((last / "state.json").read_text())
+    if state.get("config") != json.loads(json.dumps(config)):
+        return 0, []
+    values = load_finite(last / "affine.safetensors")
+    with torch.no_grad():
+        for name, parameter in named.items():
+            parameter.copy_(values[name])
+    load_optimizer_state(optimizer, list(named), load_finite(last / "optimizer.safetensors"))
+    generator.set_state(load_file(last / "rng.safetensors")["generator"])
+    return state["update"], state["losses"]
 
 
 def chain_errors(model: torch.nn.Module, targets: dict[int, torch.Tensor], noises: list, context: torch.Tensor,
@@ -80,13 +128,15 @@ def chain_errors(model: torch.nn.Module, targets: dict[int, torch.Tensor], noise
 
 def refine_affine(quantized: torch.nn.Module, reference: torch.nn.Module, noises: list, context: torch.Tensor, params,
                   steps, updates: int, lr: float, batch_size: int, stored: torch.dtype = torch.bfloat16,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, checkpoint_dir: Optional[Path] = None, checkpoint_every: int = 50) -> dict:
     """Fit `quantized`'s group scales and biases (in place, rounded to their stored dtype) so its k-step samples match
     `reference`'s from the same noise, k cycling through `steps`; `noises` (max(steps) tensors) and `context` rows are
     the prompts. The last config.REFINE_VALIDATION_FRACTION of rows are never trained on: the fit is kept only when
     their mean chain error over `steps` went down (else `quantized` is left as it was). Returns the before / after
     errors on both splits (after: with the values rounded to `stored`), the loss per update ({"iteration", "@k"}) and
-    whether it was kept. Computes in `quantized`'s own dtype: give it the float model the gate scores."""
+    whether it was kept. Computes in `quantized`'s own dtype: give it the float model the gate scores.
+    With `checkpoint_dir`, the fit (values, Adam state, batch order) is written there atomically every
+    `checkpoint_every` updates and resumed exactly by a later call on the same model and settings."""
     steps = sorted(steps)
     rows = len(context)
     n_train, n_val = refine_split(rows)
@@ -105,20 +155,24 @@ def refine_affine(quantized: torch.nn.Module, reference: torch.nn.Module, noises
     trainable = _swap(quantized, _TrainableAffine, QuantizedLinear)
     try:
         quantized.requires_grad_(False)
-        parameters = [p for t in trainable for p in (t.log_scale, t.shift)]
-        for p in parameters:
+        named = {f"{name}.{kind}": getattr(t, kind) for name, t in trainable.items() for kind in ("log_scale", "shift")}
+        for p in named.values():
             p.requires_grad_(True)
-        optimizer = torch.optim.Adam(parameters, lr=lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(updates, 1))
+        optimizer = torch.optim.Adam(list(named.values()), lr=lr)
+        generator = torch.Generator().manual_seed(params.run.seed + REFINE_SEED_OFFSET)
+        config = {"updates": updates, "lr": lr, "batch_size": batch_size, "steps": steps, "prompts": rows,
+                  "model": _digest(trainable)}
+        start, losses = _resume(checkpoint_dir, config, named, optimizer, generator)
         chain = sampler.consistency_sample.__wrapped__   # the sampler itself, with gradients
         velocity = velocity_fn(quantized)
-        generator = torch.Generator().manual_seed(params.run.seed + REFINE_SEED_OFFSET)
-        updates_range = range(updates)
+        updates_range = range(start, updates)
         if progress:
             from tqdm.auto import tqdm
-            updates_range = tqdm(updates_range, desc="refine scales/biases", mininterval=5)
-        losses = []
+            updates_range = tqdm(updates_range, initial=start, total=updates, desc="refine scales/biases",
+                                 mininterval=5)
         for update in updates_range:
+            for group in optimizer.param_groups:   # cosine decay to 0 over `updates`
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * update / max(updates, 1)))
             k = steps[update % len(steps)]
             batch = torch.randperm(n_train, generator=generator)[:batch_size]
             final = chain(velocity, [n[batch] for n in noises[:k]], sampler.student_times(params, k), context[batch])
@@ -126,9 +180,11 @@ def refine_affine(quantized: torch.nn.Module, reference: torch.nn.Module, noises
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            schedule.step()
             losses.append({"iteration": update, f"@{k}": float(loss.detach())})
-        fitted = {t.layer: t for t in trainable}
+            if checkpoint_dir is not None and ((update + 1) % checkpoint_every == 0 or update + 1 == updates):
+                _save_checkpoint(checkpoint_dir, {"update": update + 1, "losses": losses, "config": config}, named,
+                                 optimizer, generator)
+        fitted = {t.layer: t for t in trainable.values()}
     finally:
         _swap(quantized, lambda t: t.layer, _TrainableAffine)
     originals = {layer: (layer.scales.clone(), layer.biases.clone()) for layer in fitted}

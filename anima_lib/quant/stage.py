@@ -31,6 +31,7 @@ from . import calibrated, ledger, load_memory, mlx_affine, packed, policy as qua
 
 QUANTIZED = "quantized"            # outputs/<run>/quantized: the packed student and the text encoder GGUF
 STUDENT_FOLDER = "student"
+REFINE_CHECKPOINTS = "refine"     # outputs/<run>/quantized/refine/last: the refinement, resumable (same model + settings)
 TEXT_ENCODER_GGUF = "text_encoder_q8_0.gguf"
 CALIBRATION_PROMPTS = 16           # gate prompts (one seed each) whose 4-step student chains calibrate and probe
 CALIBRATION_STEPS = 4
@@ -133,7 +134,8 @@ def refine_quantized(params, components, student: torch.nn.Module, quantized: to
     if params.distill.activation_checkpointing:   # 2B: a 4-step chain keeps ~73 GB of activations per prompt without
         checkpoint_activations(as_float)           # (652 MB per block and sample at 1024², README "Training memory")
     result = refine.refine_affine(as_float, student, noises, context, params, steps, q.refine_updates, q.refine_lr,
-                                  q.refine_batch, stored=torch.bfloat16)
+                                  q.refine_batch, stored=torch.bfloat16,
+                                  checkpoint_dir=quantized_root(params) / REFINE_CHECKPOINTS)
     if result["kept"]:
         fitted = dict(as_float.named_modules())
         with torch.no_grad():
