@@ -348,7 +348,7 @@ class QuantParams:
                              check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]", bounds=(0, 1))
     refine_prompts: int = _spec(128, help="held-out prompts (one noise each) the refinement fits (3/4) and validates "
                                           "on (1/4: kept only if their error went down)", bounds=(4, 100_000))
-    refine_batch: int = _spec(32, help="prompts per refinement update", bounds=(1, 100_000))
+    refine_batch: int = _spec(16, help="prompts per refinement update", bounds=(1, 100_000))
     text_encoder: str = _spec("q8_0", help="text encoder format on the phone", allowed=("q8_0",))
 
     def __post_init__(self):

@@ -69,6 +69,7 @@ def test_refinement_parameters_are_checked_before_any_work():
     assert config.refine_split(128) == (96, 32) and config.refine_split(4) == (3, 1)
     with pytest.raises(config.ConfigError, match="quant.refine_batch = 97 .* 96 prompts"):
         config.load_config("nano", ["quant.refine_batch=97"])
+    assert config.load_config("nano", ["quant.refine_batch=96"]).quant.refine_batch == 96
     with pytest.raises(config.ConfigError, match="refine_lr"):
         config.load_config("nano", ["quant.refine_lr=0"])
     student, quantized, noises, context, params = _setup(prompts=1)
