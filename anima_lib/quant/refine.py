@@ -75,13 +75,14 @@ def _swap(model: torch.nn.Module, make: Callable[[torch.nn.Module], torch.nn.Mod
     return swapped
 
 
-def _digest(trainable: dict[str, _TrainableAffine]) -> str:
-    """Which quantized model a checkpoint belongs to: the sha256 of every layer's starting scales and biases."""
+def _digest(trainable: dict[str, _TrainableAffine], targets: dict[int, torch.Tensor]) -> str:
+    """Which fit a checkpoint belongs to: the sha256 of every layer's starting scales and biases (the quantized model)
+    and of the targets (the reference model, prompts and noise)."""
     h = hashlib.sha256()
-    for name, t in trainable.items():
+    tensors = [(name, t) for name, layer in trainable.items() for t in (layer.s0, layer.b0)]
+    for name, tensor in tensors + [(f"@{k}", target) for k, target in targets.items()]:
         h.update(name.encode())
-        for tensor in (t.s0, t.b0):
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -99,7 +100,7 @@ def _save_checkpoint(folder: Path, state: dict, named: dict[str, torch.nn.Parame
 def _resume(folder: Optional[Path], config: dict, named: dict[str, torch.nn.Parameter],
             optimizer: torch.optim.Optimizer, generator: torch.Generator) -> tuple[int, list]:
     """(update to start at, losses so far): from folder/last when it was written for this `config` (settings and
-    model digest), else from scratch (a checkpoint of another quantized model or other settings is stale: replaced)."""
+    digest), else from scratch (a checkpoint of another model, other prompts or other settings is stale: replaced)."""
     if folder is None:
         return 0, []
     last = recover_dir(folder / "last")
@@ -161,7 +162,7 @@ def refine_affine(quantized: torch.nn.Module, reference: torch.nn.Module, noises
         optimizer = torch.optim.Adam(list(named.values()), lr=lr)
         generator = torch.Generator().manual_seed(params.run.seed + REFINE_SEED_OFFSET)
         config = {"updates": updates, "lr": lr, "batch_size": batch_size, "steps": steps, "prompts": rows,
-                  "model": _digest(trainable)}
+                  "digest": _digest(trainable, targets)}
         start, losses = _resume(checkpoint_dir, config, named, optimizer, generator)
         chain = sampler.consistency_sample.__wrapped__   # the sampler itself, with gradients
         velocity = velocity_fn(quantized)
