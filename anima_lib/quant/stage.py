@@ -473,5 +473,5 @@ def summary(result: QuantizeResult, steps) -> tuple[dict, str, dict, dict]:
     if result.refinement is not None:
         extra["refinement"] = {k: v for k, v in result.refinement.items() if k != "loss"}
         verdict += (f"; scales/biases refined ({result.refinement['updates']} updates, "
-                    f"{'kept' if result.refinement['kept'] else 'discarded: validation error rose'})")
+                    f"{'kept' if result.refinement['kept'] else 'discarded: validation error did not fall'})")
     return rows, verdict, headline, extra
