@@ -29,7 +29,7 @@ from ..flow_training import load_optimizer_state, optimizer_state_tensors
 from ..io import atomic_replace_dir, atomic_write_json, load_finite, recover_dir
 from ..networks import velocity_fn
 from . import mlx_affine
-from .packed import QuantizedLinear
+from .packed import QuantizedLinear, set_module
 
 REFINE_SEED_OFFSET = 104_729      # noise and batch order: run.seed + this
 
@@ -69,9 +69,8 @@ def _swap(model: torch.nn.Module, make: Callable[[torch.nn.Module], torch.nn.Mod
     swapped = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, kind):
-            parent, _, child = name.rpartition(".")
             swapped[name] = make(module)
-            setattr(model.get_submodule(parent) if parent else model, child, swapped[name])
+            set_module(model, name, swapped[name])
     return swapped
 
 
