@@ -177,6 +177,12 @@ class GateParams:
                                     "evenly spaced from gate.prompts_file, at most as many as the files hold)",
                            check=_positive, bounds=(1, 1_000_000))
     seeds_per_prompt: int = _spec(4, help="images per prompt (fixed seeds)", check=_positive, bounds=(1, 1000))
+    strict_prompts: int = _spec(0, help="nano: prompts (x seeds_per_prompt) on which 05 decides the detail-strict "
+                                        "targets (student vs teacher@T, @4 vs @1, 4-bit vs full precision); the set "
+                                        "begins with the gate's own images, so only teacher@T and the students are "
+                                        "sampled on the rest; 0 (or <= n_prompts): the gate set itself. Real "
+                                        "presets: unused",
+                                bounds=(0, 1_000_000))
     image_size: int = _spec(32, help="image side in pixels of every gate sample (nano 32, anima-2b 1024)",
                             check=lambda v: None if v % 16 == 0 and v > 0 else "must be a positive multiple of 16",
                             bounds=(16, 4096))

@@ -220,17 +220,37 @@ def _reused_row(path: Path) -> Optional[torch.Tensor]:
     return None
 
 
+def check_begins_with(gate: GateSet, prefix: GateSet) -> int:
+    """The number of images of `prefix` when `gate` begins with exactly its prompts and images (so with its noise:
+    gate_noise is keyed by prompt and seed index), e.g. gate_set at a larger n_prompts; else ValueError."""
+    n, m = len(prefix.prompts), len(prefix.image_prompt)
+    if (gate.prompts[:n] != prefix.prompts or gate.image_prompt[:m] != prefix.image_prompt
+            or gate.image_seed[:m] != prefix.image_seed):
+        raise ValueError(f"the gate set of {len(gate.prompts)} prompts does not begin with the {n} prompts and {m} "
+                         f"images of the smaller set (draw both with gate_set from the same parameters)")
+    return m
+
+
 @torch.no_grad()
 def sample_teacher(components, params, gate: GateSet, steps: int, stream: int = MAIN,
-                   batch_size: int = 128) -> torch.Tensor:
+                   batch_size: int = 128, extends: Optional[GateSet] = None) -> torch.Tensor:
     """Images [n_images, 3, H, W] in [0,1] from the teacher's Euler sampler with CFG. With gate.reuse_samples, a row
-    is sampled once per run and read back bit-identical by every later notebook (03, 05 and 06 share teacher@T)."""
+    is sampled once per run and read back bit-identical by every later notebook (03, 05 and 06 share teacher@T).
+    `extends`: a set `gate` begins with (check_begins_with): its row (read back when stored) is the first images,
+    only the rest is sampled."""
+    if extends is not None:
+        n = check_begins_with(gate, extends)
+        rest = dataclasses.replace(gate, image_prompt=gate.image_prompt[n:], image_seed=gate.image_seed[n:])
+        sample = lambda: torch.cat([sample_teacher(components, params, extends, steps, stream, batch_size),
+                                    _sample_teacher(components, params, rest, steps, stream, batch_size)])
+    else:
+        sample = lambda: _sample_teacher(components, params, gate, steps, stream, batch_size)
     if not params.gate.reuse_samples:
-        return _sample_teacher(components, params, gate, steps, stream, batch_size)
+        return sample()
     path = samples_folder(params) / f"teacher-{_teacher_row_key(components, params, gate, steps, stream)}.safetensors"
     images = _reused_row(path)
     if images is None:
-        images = _sample_teacher(components, params, gate, steps, stream, batch_size)
+        images = sample()
         atomic_write_bytes(path, safetensors_save({"images": images.contiguous()}))
         atomic_write_json(path.with_suffix(".json"), {"sha256": sha256_file(path), "steps": steps, "stream": stream,
                                                      "n_images": len(images)})

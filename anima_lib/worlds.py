@@ -143,6 +143,30 @@ class NanoWorld:
         subset, images = gate.prompt_subset(self.gate, keep)
         return NanoWorld(self.params, subset, self.probe), images
 
+    def detail_world(self) -> Optional["NanoWorld"]:
+        """The larger set 05 decides the detail-strict targets on (gate.strict_prompts; its first images are this
+        world's gate set), or None when that is the gate set itself."""
+        n = self.params.gate.strict_prompts
+        if n <= len(self.gate.prompts):
+            return None
+        larger = self.with_gate(n)
+        gate.check_begins_with(larger.gate, self.gate)
+        return larger
+
+    def score_details(self, samples: dict[str, torch.Tensor], details: Optional[dict] = None) -> dict[str, dict]:
+        """The detail-strict reader alone on each row (the `strict_*` columns of score_rows, + n_images); `details`
+        (a dict) receives each row's confusion matrices, calibration curves and per-image strict reads."""
+        from .nano_world import detail_reader
+        strict = detail_reader.load_detail_reader()
+        rows = {}
+        for row, images in samples.items():
+            reading = detail_reader.score_details(strict, metrics.as_float(images), self.gate.attributes,
+                                                  self.gate.image_prompt)
+            rows[row] = {**reading["scores"], "n_images": len(images)}
+            if details is not None:
+                details[row] = {k: v for k, v in reading.items() if k != "scores"}
+        return rows
+
     def keep(self, images: torch.Tensor) -> torch.Tensor:
         return images
 
@@ -215,9 +239,10 @@ class NanoWorld:
     def plot_title(self, rows: dict[str, dict], metric: str) -> str:
         return f"{metric} vs steps (renderer: {rows['renderer'][metric]:.3g})"
 
-    def verdict(self, rows: dict[str, dict], images_per_s: dict[str, float], reference_row: str
-                ) -> tuple[list[Check], str, dict]:
-        """The nano gate's checks (targets in NANO_TARGETS), verdict line and headline numbers."""
+    def verdict(self, rows: dict[str, dict], images_per_s: dict[str, float], reference_row: str,
+                strict_rows: Optional[dict[str, dict]] = None) -> tuple[list[Check], str, dict]:
+        """The nano gate's checks (targets in NANO_TARGETS), verdict line and headline numbers. `strict_rows`
+        (score_details on detail_world()'s larger set) decide the detail-strict checks; else `rows` do."""
         T, params = NANO_TARGETS, self.params
         ref = rows[reference_row]
         attributes = [k for k in rows["renderer"] if k.startswith("alignment_") and k != "alignment_ci"]
@@ -268,25 +293,28 @@ class NanoWorld:
                 checks.append(Check(f"{quant_row}@{steps} fd_probe_vs_teacher within {T['quant_fd_ratio'] - 1:.0%} of "
                                     f"full precision ({qz['fd_probe_vs_teacher']:.2f} vs {fp['fd_probe_vs_teacher']:.2f})",
                                     qz["fd_probe_vs_teacher"] <= T["quant_fd_ratio"] * fp["fd_probe_vs_teacher"]))
-        if "strict_alignment" in ref:   # issue 20: the detail-strict reading (eyes confident and right)
+        strict = strict_rows if strict_rows is not None else rows
+        on = f" on {strict[reference_row]['n_images']} images" if strict_rows is not None else ""
+        strict_ref = strict.get(reference_row, {})
+        if "strict_alignment" in strict_ref:   # issue 20: the detail-strict reading (eyes confident and right)
             for steps in sorted(params.gate.student_steps):
-                fp, qz = rows.get(f"student@{steps}"), rows.get(f"{quant_row}@{steps}")
+                fp, qz = strict.get(f"student@{steps}"), strict.get(f"{quant_row}@{steps}")
                 if fp:
-                    checks.append(Check(f"student@{steps} strict alignment ≥ {T['strict_alignment']} × reference "
-                                        f"({fp['strict_alignment']:.3f} vs {ref['strict_alignment']:.3f})",
-                                        fp["strict_alignment"] >= T["strict_alignment"] * ref["strict_alignment"]))
+                    checks.append(Check(f"student@{steps} strict alignment ≥ {T['strict_alignment']} × reference{on} "
+                                        f"({fp['strict_alignment']:.3f} vs {strict_ref['strict_alignment']:.3f})",
+                                        fp["strict_alignment"] >= T["strict_alignment"] * strict_ref["strict_alignment"]))
                 if fp and qz:
                     checks.append(Check(f"{quant_row}@{steps} strict alignment within {T['quant_strict_drop']} of full "
-                                        f"precision ({qz['strict_alignment']:.3f} vs {fp['strict_alignment']:.3f})",
+                                        f"precision{on} ({qz['strict_alignment']:.3f} vs {fp['strict_alignment']:.3f})",
                                         abs(qz["strict_alignment"] - fp["strict_alignment"]) <= T["quant_strict_drop"]))
                     if "strict_accuracy_eyes" in fp and "strict_accuracy_eyes" in qz:
                         checks.append(Check(
-                            f"{quant_row}@{steps} eye count within {T['quant_strict_drop']} of full precision "
+                            f"{quant_row}@{steps} eye count within {T['quant_strict_drop']} of full precision{on} "
                             f"({qz['strict_accuracy_eyes']:.3f} vs {fp['strict_accuracy_eyes']:.3f})",
                             abs(qz["strict_accuracy_eyes"] - fp["strict_accuracy_eyes"]) <= T["quant_strict_drop"]))
-            if "student@1" in rows and "student@4" in rows:
-                s1, s4 = rows["student@1"]["strict_alignment"], rows["student@4"]["strict_alignment"]
-                checks.append(Check(f"student@4 ≥ student@1 on strict alignment ({s4:.3f} vs {s1:.3f})", s4 >= s1))
+            if "student@1" in strict and "student@4" in strict:
+                s1, s4 = strict["student@1"]["strict_alignment"], strict["student@4"]["strict_alignment"]
+                checks.append(Check(f"student@4 ≥ student@1 on strict alignment{on} ({s4:.3f} vs {s1:.3f})", s4 >= s1))
         failed = [c.name for c in checks if not c.passed]
         verdict = (f"{reference_row}: alignment {ref['alignment']:.3f}, worst attribute "
                    f"{worst_attribute.removeprefix('alignment_')} {ref[worst_attribute]:.3f}, diversity "
@@ -299,8 +327,8 @@ class NanoWorld:
                    + ("" if not failed else " — FAILED: " + "; ".join(failed)))
         headline = ({f"{r}.alignment": rows[r]["alignment"]
                      for r in (reference_row, "teacher@1", "student@1", "student@4") if r in rows}
-                    | {f"{r}.strict_alignment": rows[r]["strict_alignment"]
-                       for r in (reference_row, "student@1", "student@4") if "strict_alignment" in rows.get(r, {})}
+                    | {f"{r}.strict_alignment": strict[r]["strict_alignment"]
+                       for r in (reference_row, "student@1", "student@4") if "strict_alignment" in strict.get(r, {})}
                     | {"fd_probe_ratio@1": fd_ratio})
         return checks, verdict, headline
 
@@ -349,6 +377,10 @@ class RealWorld:
         world = RealWorld(self.params, gate.gate_set(self.params, n_prompts, seeds_per_prompt), self.readers)
         world._style_embeddings = self._style_embeddings
         return world
+
+    def detail_world(self) -> None:
+        """No detail-strict reader in a real world (its fine detail is read by FID and CLIP on the gate set)."""
+        return None
 
     def on_prompts(self, keep: list[int]) -> tuple["RealWorld", torch.Tensor]:
         """This world on the gate prompts `keep` only, and the indices of their images (gate.prompt_subset)."""
@@ -454,9 +486,10 @@ class RealWorld:
             return f"{metric} vs steps (noise floor: {rows[reference_row][metric]:.3g})"
         return f"{metric} vs steps"
 
-    def verdict(self, rows: dict[str, dict], images_per_s: dict[str, float], reference_row: str
-                ) -> tuple[list[Check], str, dict]:
-        """The real gate's checks (targets in REAL_TARGETS, provisional), verdict line and headline numbers."""
+    def verdict(self, rows: dict[str, dict], images_per_s: dict[str, float], reference_row: str,
+                strict_rows: Optional[dict[str, dict]] = None) -> tuple[list[Check], str, dict]:
+        """The real gate's checks (targets in REAL_TARGETS, provisional), verdict line and headline numbers
+        (`strict_rows`: nano's detail reading; a real world has none)."""
         T = REAL_TARGETS
         ref = rows[reference_row]
         floor = ref["fid_vs_teacher"]

@@ -63,3 +63,25 @@ def test_teacher_speed_is_timed_on_fresh_samples_not_a_read_back_row(setup, monk
     monkeypatch.setattr(gate, "_sample_teacher", lambda c, p, g, *a: sampled.append(len(g.image_prompt)) or real(c, p, g, *a))
     speed = gate.teacher_images_per_s(components, params, gate_set, 2, batch_size=1)
     assert sampled == [1] and 0 < speed < float("inf")   # one fresh batch of batch_size images, timed
+
+
+def test_a_larger_set_extends_the_stored_row_and_samples_only_the_rest(setup, monkeypatch):
+    params, components, gate_set = setup
+    larger = gate.gate_set(params, n_prompts=3, seeds_per_prompt=1)
+    small_row = gate.sample_teacher(components, params, gate_set, 2)
+    whole = gate._sample_teacher(components, params, larger, 2, gate.MAIN, 128)   # the larger set in one go
+    sampled = []
+    real = gate._sample_teacher
+    monkeypatch.setattr(gate, "_sample_teacher", lambda c, p, g, *a: sampled.append(len(g.image_prompt)) or real(c, p, g, *a))
+    extended = gate.sample_teacher(components, params, larger, 2, extends=gate_set)
+    assert sampled == [1]                                    # the 2 stored images were read back, 1 sampled
+    assert torch.equal(extended[:2], small_row)
+    torch.testing.assert_close(extended, whole, rtol=0, atol=1e-5)   # same prompts and noise per image
+    assert torch.equal(gate.sample_teacher(components, params, larger, 2), extended)   # stored under its own key
+
+
+def test_a_set_that_does_not_begin_with_the_other_is_refused(setup):
+    params, components, gate_set = setup
+    other_seeds = gate.gate_set(params, n_prompts=3, seeds_per_prompt=2)      # image order differs after image 0
+    with pytest.raises(ValueError, match="does not begin with"):
+        gate.sample_teacher(components, params, other_seeds, 2, extends=gate_set)
