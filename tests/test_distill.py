@@ -212,10 +212,14 @@ def test_two_gloo_ranks_compute_the_same_update_as_one_process(tmp_path):
 
 
 def test_rollout_times_follow_the_served_schedule_or_p_d():
-    served = config.load_config("nano", ["distill.rollout_times=sampler", "sampler.student_mid_times=[1.1,0.7,0.3]"])
+    served = config.load_config("nano", ["distill.rollout_times=sampler", "sampler.student_mid_times=[1.1,0.7,0.3]",
+                                         "distill.rollout_mid_times=null"])
+    pinned = config.load_config("nano", ["distill.rollout_times=sampler", "sampler.student_mid_times=[1.1,0.7,0.3]",
+                                         "distill.rollout_mid_times=[1.3,1.0,0.6]"])   # trained at others than served
     drawn = config.load_config("nano", ["distill.rollout_times=random"])
     cfg = distill.distill_config(served, "rcm").rcm
     assert cfg.rollout_mid_times == (1.1, 0.7, 0.3) and distill.distill_config(drawn, "rcm").rcm.rollout_mid_times == ()
+    assert distill.distill_config(pinned, "rcm").rcm.rollout_mid_times == (1.3, 1.0, 0.6)
     times = rcm.rollout_times(4, torch.Generator().manual_seed(0), cfg, batch=3)
     assert [round(float(t[0]), 6) for t in times] == [round(math.atan(80.0), 6), 1.1, 0.7, 0.3]
     random_times = rcm.rollout_times(4, torch.Generator().manual_seed(0), distill.distill_config(drawn, "rcm").rcm, 3)

@@ -31,7 +31,8 @@ def checkpoint_dir(params, method: str) -> Path:
 
 def distill_config(params, method: str) -> DistillConfig:
     d = params.distill
-    served_times = tuple(params.sampler.student_mid_times[: d.max_rollout - 1])  # rollouts at the times we serve at
+    mid_times = params.sampler.student_mid_times if d.rollout_mid_times is None else d.rollout_mid_times
+    served_times = tuple(mid_times[: d.max_rollout - 1])  # rollouts at the times we serve at (or distill.rollout_mid_times)
     rcm_cfg = RCMConfig(guidance_scale=params.sampler.guidance_scale, p_g_mean=d.p_g[0], p_g_std=d.p_g[1],
                         p_d_mean=d.p_d[0], p_d_std=d.p_d[1], tangent_warmup=d.tangent_warmup,
                         scm_weight=d.scm_weight, dmd_weight=0.0 if method == "scm" else d.dmd_weight,

@@ -52,7 +52,7 @@ PARAM_NAMES = {  # DistillConfig field -> the parameter a user sets (for refusal
     "rcm.max_rollout": "distill.max_rollout", "rcm.sigma_max": "sampler.sigma_max", "lcm.shift": "sampler.shift",
     "rcm.tangent": "distill.tangent", "rcm.fd_delta": "distill.fd_delta", "parallel": "distill.parallel",
     "activation_checkpointing": "distill.activation_checkpointing", "grad_accumulation": "distill.grad_accumulation",
-    "rcm.rollout_mid_times": "distill.rollout_times / sampler.student_mid_times"}
+    "rcm.rollout_mid_times": "distill.rollout_times / distill.rollout_mid_times / sampler.student_mid_times"}
 
 
 JVP_WITH_FSDP = ("distill.parallel = fsdp cannot take the jvp tangent (forward-mode AD does not pass through "
