@@ -277,8 +277,8 @@ class DistillParams:
                                               "served at, as DMD2's backward simulation does)",
                                allowed=("random", "sampler"))
     rollout_mid_times: Optional[list[float]] = _spec(
-        None, help="rollout_times: sampler: the rollouts' TrigFlow times of steps 2..4; null: sampler.student_mid_times "
-                   "(train where the student is served)", check=lambda v: None if v is None else _trig_mid_times(v),
+        None, help="rollout_times: sampler: the rollouts' TrigFlow times of steps 2..4; null: "
+                   "sampler.student_mid_times (train where the student is served)", check=lambda v: None if v is None else _trig_mid_times(v),
         bounds=(0, math.pi / 2))
     tangent_warmup: int = _spec(0, help="H: student steps of tangent warm-up (0 as rCM for Cosmos)",
                                 check=_non_negative, bounds=(0, MAX_STEPS))

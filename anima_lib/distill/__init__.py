@@ -31,13 +31,14 @@ def checkpoint_dir(params, method: str) -> Path:
 
 def distill_config(params, method: str) -> DistillConfig:
     d = params.distill
+    # rollouts at the times the student is served at, unless distill.rollout_mid_times names others
     mid_times = params.sampler.student_mid_times if d.rollout_mid_times is None else d.rollout_mid_times
-    served_times = tuple(mid_times[: d.max_rollout - 1])  # rollouts at the times we serve at (or distill.rollout_mid_times)
+    rollout_mid_times = tuple(mid_times[: d.max_rollout - 1])
     rcm_cfg = RCMConfig(guidance_scale=params.sampler.guidance_scale, p_g_mean=d.p_g[0], p_g_std=d.p_g[1],
                         p_d_mean=d.p_d[0], p_d_std=d.p_d[1], tangent_warmup=d.tangent_warmup,
                         scm_weight=d.scm_weight, dmd_weight=0.0 if method == "scm" else d.dmd_weight,
                         max_rollout=d.max_rollout, sigma_max=params.sampler.sigma_max, tangent=d.tangent,
-                        fd_delta=d.fd_delta, rollout_mid_times=served_times if d.rollout_times == "sampler" else ())
+                        fd_delta=d.fd_delta, rollout_mid_times=rollout_mid_times if d.rollout_times == "sampler" else ())
     cfg = DistillConfig(method="rcm" if method == "scm" else method, batch_size=d.batch_size, lr=d.lr,
                         fake_lr=d.fake_lr, student_every=d.student_every, ema_decay=d.ema_decay,
                         checkpoint_every=d.checkpoint_every, time_budget_s=d.minutes * 60, seed=params.run.seed,
