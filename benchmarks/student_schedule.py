@@ -2,8 +2,10 @@
 `sampler.student_mid_times`, measured in one run on a prompt/noise set held out from the gate's.
 
 The gate draws its prompts and noise from `run.seed`; this script draws them from `--eval-seed` (default: another
-seed), so choosing mid times here does not tune on the gate's own images. The student is trained on random times
-and does not depend on the schedule, so no retraining is needed.
+seed), so choosing mid times here does not tune on the gate's own images. The served schedule does not change the
+trained student when its rollouts have their own times (`distill.rollout_mid_times`, nano) or are drawn at random;
+with `rollout_times: sampler` and no rollout_mid_times the student was trained at the served times, so a candidate
+here is the old student at new times (retrain to compare like with like: issue 20 did, it read worse at 4 steps).
 
     .venv/bin/python benchmarks/student_schedule.py [--eval-seed 7] [--steps 2 4] [--schedule 1.3,1.0,0.6 ...]
     ... --late-checkpoint outputs/nano/checkpoints/rcm/ema_000500.safetensors --late-below 1.4
